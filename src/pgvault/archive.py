@@ -1,0 +1,155 @@
+"""wal-push and wal-fetch: moving single WAL files between pg_wal and the repository.
+
+This runs once per segment as archive_command/restore_command, so it imports little.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgvault.errors import ConflictError, IntegrityError, ObjectExists, UsageError
+from pgvault.pg.wal import (
+    WalSegment,
+    is_archivable,
+    is_history,
+    is_partial,
+    is_segment,
+    parse_long_header,
+)
+from pgvault.repo.base import Storage
+from pgvault.repo.layout import Layout
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    key: str
+    outcome: str  # "archived", "already archived", "replaced partial"
+    raw_size: int
+    stored_size: int
+
+
+def _compress(data: bytes, level: int) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
+
+
+def _decompress(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompress(data)
+
+
+def check_segment(name: str, data: bytes, system_id: str, segment_size: int) -> None:
+    """Refuse a segment that is not what its name says or belongs to another cluster."""
+    base = name.removesuffix(".partial")
+    if len(data) != segment_size:
+        raise ConflictError(f"{name} is {len(data)} bytes, not the cluster's WAL segment size {segment_size}")
+    try:
+        header = parse_long_header(data)
+    except ValueError as exc:
+        raise ConflictError(f"{name} is not a WAL segment: {exc}") from None
+    if str(header.system_id) != system_id:
+        raise ConflictError(
+            f"{name} belongs to database system {header.system_id}, but this repository's cluster is "
+            f"system {system_id}; refusing to mix two clusters' WAL",
+            hint="check that archive_command passes this cluster's own --config",
+        )
+    segment = WalSegment.parse(base, segment_size)
+    if header.timeline != segment.timeline or header.page_address != segment.start_lsn:
+        raise ConflictError(f"{name}'s header says timeline {header.timeline} at {header.page_address}; "
+                            "the file was renamed or damaged")
+
+
+def _stored_raw_sha256(storage: Storage, key: str) -> str:
+    handle, meta = storage.open(key)
+    with handle:
+        stored = handle.read()
+    if hashlib.sha256(stored).hexdigest() != meta.sha256:
+        raise IntegrityError(f"object {key} does not match its recorded SHA-256", hint="run pgvault verify")
+    raw = stored if key.endswith(".history") else _decompress(stored)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def push(
+    storage: Storage, layout: Layout, path: Path, *, system_id: str, segment_size: int, level: int
+) -> PushResult:
+    """Archive one file from pg_wal. Returns only once it is durable in the repository."""
+    name = path.name
+    if not is_archivable(name):
+        raise UsageError(f"{name!r} is not a WAL file name; archive_command must pass %p")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist; archive_command must pass %p (run from the data directory)") from None
+    if is_segment(name) or is_partial(name):
+        check_segment(name, data, system_id, segment_size)
+    raw_sha256 = hashlib.sha256(data).hexdigest()
+    key = layout.wal_key(name)
+
+    existing = storage.head(key)
+    if existing is not None:
+        return _resolve_existing(storage, key, name, data, raw_sha256, level, existing.size)
+    stored = data if is_history(name) else _compress(data, level)
+    extra = {"raw_sha256": raw_sha256, "raw_size": str(len(data))}
+    try:
+        meta = storage.put(key, io.BytesIO(stored), extra=extra)
+    except ObjectExists:
+        # Another node pushed the same name between our head and put.
+        return _resolve_existing(storage, key, name, data, raw_sha256, level, len(stored))
+    return PushResult(name, key, "archived", len(data), meta.size)
+
+
+def _resolve_existing(
+    storage: Storage, key: str, name: str, data: bytes, raw_sha256: str, level: int, stored_size: int
+) -> PushResult:
+    meta = storage.head(key)
+    recorded = meta.extra.get("raw_sha256") if meta is not None else None
+    same = recorded == raw_sha256 if recorded else _stored_raw_sha256(storage, key) == raw_sha256
+    if same:
+        # A retry after a lost acknowledgement, or a second node: idempotent success.
+        return PushResult(name, key, "already archived", len(data), stored_size)
+    if is_partial(name):
+        # A .partial is a timeline's unfinished tail (promotion, pg_receivewal); a newer one must
+        # never block archiving, and the complete segments are what recovery uses.
+        stored = _compress(data, level)
+        meta = storage.put(key, io.BytesIO(stored), extra={"raw_sha256": raw_sha256,
+                                                           "raw_size": str(len(data))}, overwrite=True)
+        return PushResult(name, key, "replaced partial", len(data), meta.size)
+    raise ConflictError(
+        f"{name} is already archived with different content; refusing to overwrite {key}",
+        hint="two clusters may share this repository, or a restored cluster kept archiving: "
+        "check archive_command's --config and the cluster's system id",
+    )
+
+
+def fetch(storage: Storage, layout: Layout, name: str, dest: Path) -> int:
+    """Restore one WAL file to dest, verified. Raises ObjectNotFound if it was never archived."""
+    if not is_archivable(name):
+        raise UsageError(f"{name!r} is not a WAL file name; restore_command must pass %f")
+    key = layout.wal_key(name)
+    handle, meta = storage.open(key)
+    with handle:
+        stored = handle.read()
+    if len(stored) != meta.size or hashlib.sha256(stored).hexdigest() != meta.sha256:
+        raise IntegrityError(f"object {key} does not match its recorded SHA-256; refusing to use it",
+                             hint="run pgvault verify; restore from another copy of this segment")
+    try:
+        raw = stored if is_history(name) else _decompress(stored)
+    except Exception as exc:  # zstandard raises its own ZstdError
+        raise IntegrityError(f"object {key} does not decompress: {exc}") from None
+    expected = meta.extra.get("raw_sha256")
+    if expected and hashlib.sha256(raw).hexdigest() != expected:
+        raise IntegrityError(f"object {key} decompresses to other content than was archived")
+    tmp = dest.with_name(f".{dest.name}.pgvault-tmp")
+    with open(tmp, "wb") as out:
+        out.write(raw)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, dest)
+    return len(raw)

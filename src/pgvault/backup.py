@@ -1,0 +1,189 @@
+"""Taking a backup: pg_basebackup's tar stream -> parts -> zstd -> repository -> manifest -> sentinel.
+
+The sentinel (backup.json) is written last, after every part, the manifest and the WAL the backup
+needs to become consistent are in the repository (guarantee 3). A backup killed at any earlier
+point leaves only debris without a sentinel, which is invisible and removed by the next backup.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from pgvault import __version__
+from pgvault.catalog import BackupRecord, Catalog, PartRecord, StoredObject
+from pgvault.config import Policy
+from pgvault.errors import ObjectExists, PostgresError, RepositoryError
+from pgvault.pg import basebackup
+from pgvault.pg.conn import connect, server_facts
+from pgvault.pg.wal import Lsn, WalSegment, segments_between
+from pgvault.repo import job_lock
+from pgvault.repo.base import Storage
+from pgvault.tarparts import ChunkReader, TarSplitter
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def new_backup_id(now: datetime, taken: set[str]) -> str:
+    base = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def remove_debris(catalog: Catalog) -> list[str]:
+    """Delete the remains of backups that never wrote a sentinel. Call only under the backup lock."""
+    removed = []
+    for backup_id in catalog.incomplete_backups():
+        keys = [obj.key for obj in catalog.storage.list(catalog.layout.backup_prefix(backup_id))]
+        catalog.storage.delete(keys)
+        removed.append(backup_id)
+    return removed
+
+
+def wait_for_wal(storage: Storage, catalog: Catalog, segments: list[WalSegment], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for segment in segments:
+        key = catalog.layout.wal_key(segment.name)
+        while storage.head(key) is None:
+            if time.monotonic() > deadline:
+                raise RepositoryError(
+                    f"WAL segment {segment.name}, which this backup needs, did not reach the repository "
+                    f"within {int(timeout)} s; the backup is not valid",
+                    hint="archiving is broken: run pgvault check and look at pg_stat_archiver and the "
+                    "PostgreSQL log",
+                )
+            time.sleep(0.2)
+
+
+def run_backup(
+    policy: Policy, storage: Storage, *, annotations: dict[str, str] | None = None,
+    progress: Progress = _quiet, now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> BackupRecord:
+    catalog = Catalog(storage, policy.cluster)
+    info = catalog.require_cluster_info()
+    with job_lock(policy.repository, policy.cluster, "backup"):
+        removed = remove_debris(catalog)
+        if removed:
+            progress(f"removed debris of incomplete backup(s): {', '.join(removed)}")
+        with connect(policy.postgres.conninfo) as conn:
+            facts = server_facts(conn)
+        if facts.system_id != info.system_id:
+            raise RepositoryError(
+                f"the server is database system {facts.system_id}, but cluster {policy.cluster!r} in this "
+                f"repository is system {info.system_id}",
+                hint="point postgres.conninfo at the right server, or use another cluster name",
+            )
+        if facts.tablespaces:
+            raise PostgresError(
+                f"the cluster has tablespaces ({', '.join(facts.tablespaces)}), which pgvault does not back up "
+                "yet",
+                hint="move their objects to pg_default (ALTER TABLE ... SET TABLESPACE pg_default) and drop "
+                "them; see README 'Limits'",
+            )
+        if facts.archive_mode == "off" or facts.wal_level == "minimal":
+            raise PostgresError(
+                "the server does not archive WAL (archive_mode=off or wal_level=minimal), so a backup "
+                "could never be restored",
+                hint="set wal_level=replica, archive_mode=on and archive_command='pgvault --config FILE "
+                "wal-push %p', restart, then run pgvault check",
+            )
+
+        started = now()
+        clock = time.monotonic()
+        taken = {backup_id for backup_id, _ in catalog.backup_ids()}
+        backup_id = new_backup_id(started, taken)
+        progress(f"backup {backup_id}: starting pg_basebackup ({policy.backup.checkpoint} checkpoint)")
+        parts, captured = _stream_backup(policy, storage, catalog, backup_id, progress)
+
+        with connect(policy.postgres.conninfo) as conn:
+            row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
+        next_xid = int(row[0]) if row else 0
+        stop_time = now()
+
+        label = basebackup.parse_label(captured["backup_label"])
+        ranges = basebackup.manifest_wal_ranges(captured["backup_manifest"])
+        stop_range = ranges[-1]
+        seg_size = info.wal_segment_size
+        # The last byte of the needed WAL is at End-LSN - 1: a range ending exactly on a segment
+        # boundary does not need the next segment.
+        last_seg = WalSegment.containing(stop_range.timeline, Lsn(max(stop_range.end.value - 1, 0)), seg_size)
+        first_seg = WalSegment.parse(label.start_wal, seg_size)
+        needed = segments_between(first_seg, last_seg) if first_seg.timeline == last_seg.timeline else [
+            first_seg, last_seg]
+        progress(f"backup {backup_id}: waiting for WAL {first_seg.name}..{last_seg.name} in the repository")
+        wait_for_wal(storage, catalog, needed, policy.backup.wal_timeout.total_seconds())
+
+        manifest_bytes = captured["backup_manifest"]
+        manifest_meta = storage.put(
+            catalog.layout.manifest_key(backup_id),
+            io.BytesIO(_compress(manifest_bytes, policy.compression.level)),
+        )
+        sentinel = BackupRecord(
+            id=backup_id, cluster=policy.cluster, system_id=info.system_id, pg_version=facts.version_num,
+            timeline=stop_range.timeline, start_lsn=str(label.start_lsn), stop_lsn=str(stop_range.end),
+            checkpoint_lsn=str(label.checkpoint_lsn), start_time=started, stop_time=stop_time,
+            start_wal=first_seg.name, stop_wal=last_seg.name, next_xid=next_xid,
+            label=f"pgvault {backup_id}", parts=parts,
+            manifest=StoredObject(key=catalog.layout.manifest_key(backup_id), size=manifest_meta.size,
+                                  sha256=manifest_meta.sha256),
+            raw_size=sum(p.raw_size for p in parts) + len(manifest_bytes),
+            stored_size=sum(p.size for p in parts) + manifest_meta.size,
+            duration_s=round(time.monotonic() - clock, 3),
+            compression={"type": "zstd", "level": policy.compression.level},
+            annotations=dict(annotations or {}), pgvault_version=__version__,
+        )
+        try:
+            storage.put(catalog.layout.sentinel_key(backup_id),
+                        io.BytesIO(sentinel.model_dump_json(indent=2).encode()))
+        except ObjectExists:
+            raise RepositoryError(f"backup {backup_id} already has a sentinel; another writer is active") from None
+        progress(f"backup {backup_id}: complete, {len(parts)} part(s)")
+        return sentinel
+
+
+def _compress(data: bytes, level: int) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
+
+
+def _stream_backup(
+    policy: Policy, storage: Storage, catalog: Catalog, backup_id: str, progress: Progress
+) -> tuple[list[PartRecord], dict[str, bytes]]:
+    import zstandard
+
+    proc = basebackup.start(policy.postgres.conninfo, label=f"pgvault {backup_id}",
+                            checkpoint=policy.backup.checkpoint)
+    assert proc.stdout is not None
+    splitter = TarSplitter(proc.stdout, policy.backup.part_size)
+    parts: list[PartRecord] = []
+    try:
+        for index, (chunks, stats) in enumerate(splitter.parts()):
+            compressor = zstandard.ZstdCompressor(
+                level=policy.compression.level, threads=policy.compression.threads or -1,
+                write_checksum=True,
+            )
+            key = catalog.layout.part_key(backup_id, index)
+            reader = compressor.stream_reader(ChunkReader(chunks))
+            meta = storage.put(key, reader)  # type: ignore[arg-type]
+            parts.append(PartRecord(index=index, key=key, raw_size=stats.raw_size, size=meta.size,
+                                    sha256=meta.sha256, members=stats.members))
+            progress(f"backup {backup_id}: part {index} stored ({stats.raw_size} bytes raw, {meta.size} stored)")
+        basebackup.finish(proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    missing = [name for name in ("backup_label", "backup_manifest") if name not in splitter.captured]
+    if missing:
+        raise PostgresError(f"pg_basebackup's stream lacked {', '.join(missing)}; is the server PostgreSQL 13+?")
+    return parts, splitter.captured

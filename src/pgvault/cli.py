@@ -1,0 +1,485 @@
+"""The command line: parse, call one core function, render text or --json. No logic lives here.
+
+Heavy modules are imported inside the commands: wal-push and wal-fetch run once per WAL segment.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from pgvault import __version__
+from pgvault.errors import ObjectNotFound, PgvaultError
+
+if TYPE_CHECKING:
+    from pgvault.config import Policy
+    from pgvault.repo.base import Storage
+
+# wal-fetch: PostgreSQL ends recovery at the first "not found" (exit 1). Any other failure must stop
+# recovery instead of silently ending it early at the wrong point: exit codes above 125 make
+# PostgreSQL abort recovery rather than treat the file as missing.
+WAL_FETCH_ERROR_EXIT = 255
+
+
+@dataclass
+class Context:
+    config: str | None
+    debug: bool
+    quiet: bool
+
+    def policy_path(self) -> Path:
+        from pgvault.config import resolve_config_path
+
+        return resolve_config_path(self.config)
+
+    def policy(self) -> Policy:
+        from pgvault.config import load_policy
+
+        return load_policy(self.policy_path())
+
+    def storage(self, policy: Policy) -> Storage:
+        from pgvault.repo import open_storage
+
+        return open_storage(policy.repository)
+
+    def progress(self, message: str) -> None:
+        if not self.quiet:
+            stamp = datetime.now().strftime("%H:%M:%S")
+            click.echo(f"{stamp} {message}", err=True)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+class TargetTime(click.ParamType):
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        from pgvault.targets import parse_target_time
+
+        try:
+            return parse_target_time(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class TargetLsn(click.ParamType):
+    name = "LSN"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from pgvault.pg.wal import Lsn
+
+        try:
+            return Lsn.parse(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Timeline(click.ParamType):
+    name = "current|latest|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from pgvault.targets import parse_timeline
+
+        try:
+            return parse_timeline(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class Annotation(click.ParamType):
+    name = "KEY=VALUE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, str]:
+        key, sep, val = str(value).partition("=")
+        if not sep or not key.strip():
+            self.fail(f"{value!r} is not KEY=VALUE; write e.g. --annotate reason=pre-upgrade", param, ctx)
+        return key.strip(), val
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config", metavar="FILE", envvar="PGVAULT_CONFIG",
+              help="Policy file (YAML). Default: $PGVAULT_CONFIG.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.version_option(__version__, prog_name="pgvault")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, debug: bool, quiet: bool) -> None:
+    """Backup and point-in-time recovery for PostgreSQL.
+
+    Example: pgvault --config /etc/pgvault/demo.yaml backup
+    """
+    ctx.obj = Context(config=config, debug=debug, quiet=quiet)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_context
+def init(ctx: Context, as_json: bool) -> None:
+    """Bind the repository to this cluster: check the server and write cluster.json.
+
+    Idempotent; refuses a repository whose cluster belongs to another database system.
+
+    Example: pgvault --config /etc/pgvault/demo.yaml init
+    """
+    from pgvault.cluster import init_cluster
+
+    policy = ctx.policy()
+    info, created, warnings = init_cluster(policy, ctx.storage(policy))
+    if as_json:
+        _emit_json({"created": created, "cluster": info.model_dump(mode="json"), "warnings": warnings})
+        return
+    state = "initialized" if created else "already initialized"
+    click.echo(f"cluster {info.cluster} {state}: system {info.system_id}, PostgreSQL {info.pg_version}, "
+               f"repository {policy.repository.url}")
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_context
+def check(ctx: Context, as_json: bool) -> None:
+    """Check connection, settings and repository, then prove archiving with a WAL switch.
+
+    Example: pgvault --config /etc/pgvault/demo.yaml check
+    """
+    from pgvault.cluster import check_cluster
+
+    policy = ctx.policy()
+    report = check_cluster(policy, ctx.storage(policy))
+    if as_json:
+        _emit_json(report.as_dict())
+        return
+    for what, result in report.checks:
+        click.echo(f"{what:<20} {result}")
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo("check passed")
+
+
+@cli.command("wal-push")
+@click.argument("path", type=click.Path(path_type=Path))
+@pass_context
+def wal_push(ctx: Context, path: Path) -> None:
+    """Archive one WAL file (PostgreSQL's archive_command).
+
+    Example: archive_command = 'pgvault --config /etc/pgvault/demo.yaml wal-push %p'
+    """
+    from pgvault import archive
+    from pgvault.catalog import Catalog
+
+    policy = ctx.policy()
+    storage = ctx.storage(policy)
+    catalog = Catalog(storage, policy.cluster)
+    info = catalog.require_cluster_info()
+    archive.push(storage, catalog.layout, path, system_id=info.system_id,
+                 segment_size=info.wal_segment_size, level=policy.archive.compression_level)
+
+
+@cli.command("wal-fetch")
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+@pass_context
+def wal_fetch(ctx: Context, name: str, dest: Path) -> None:
+    """Restore one WAL file (PostgreSQL's restore_command).
+
+    Exits 1, silently, when the file is not in the repository (PostgreSQL's "end of archive");
+    exits 255 on any other failure so recovery stops instead of ending early.
+
+    Example: restore_command = 'pgvault --config /etc/pgvault/demo.yaml wal-fetch %f %p'
+    """
+    from pgvault import archive
+    from pgvault.repo.layout import Layout
+
+    try:
+        policy = ctx.policy()
+        storage = ctx.storage(policy)
+        archive.fetch(storage, Layout(policy.cluster), name, dest)
+    except ObjectNotFound:
+        sys.exit(1)
+    except PgvaultError as exc:
+        _report(exc, ctx.debug)
+        sys.exit(WAL_FETCH_ERROR_EXIT)
+
+
+@cli.command()
+@click.option("--annotate", "annotations", type=Annotation(), multiple=True,
+              help="Attach KEY=VALUE to the backup record (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the backup record as JSON.")
+@pass_context
+def backup(ctx: Context, annotations: tuple[tuple[str, str], ...], as_json: bool) -> None:
+    """Take a full backup; print its id.
+
+    Example: pgvault --config /etc/pgvault/demo.yaml backup --annotate reason=nightly
+    """
+    from pgvault.backup import run_backup
+
+    policy = ctx.policy()
+    record = run_backup(policy, ctx.storage(policy), annotations=dict(annotations), progress=ctx.progress)
+    if as_json:
+        _emit_json(record.model_dump(mode="json"))
+    else:
+        click.echo(record.id)
+
+
+def _waldump(policy: Policy, pg_version: int) -> str:
+    from pgvault.pg.instance import pg_tool
+
+    if policy.postgres.bindir is not None:
+        return str(policy.postgres.bindir / "pg_waldump")
+    return pg_tool("pg_waldump", pg_version // 10000)
+
+
+def _backup_row(b: Any) -> dict[str, Any]:
+    return {
+        "id": b.id, "status": "ok", "start_time": b.start_time.isoformat(), "stop_time": b.stop_time.isoformat(),
+        "start_lsn": b.start_lsn, "stop_lsn": b.stop_lsn, "timeline": b.timeline, "raw_size": b.raw_size,
+        "stored_size": b.stored_size, "duration_s": b.duration_s, "annotations": b.annotations,
+    }
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _render_windows(windows: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="recoverable window", title_justify="left")
+    for column in ("timeline", "earliest", "latest", "WAL through"):
+        table.add_column(column)
+    for w in windows:
+        earliest = f"{w.earliest_time:%Y-%m-%d %H:%M:%S%z} ({w.earliest_lsn})" if w.earliest_time else "-"
+        latest = (f"{w.latest_time:%Y-%m-%d %H:%M:%S.%f%z} ({w.latest_lsn})" if w.latest_time
+                  else f"LSN {w.latest_lsn}" if w.latest_lsn else "-")
+        table.add_row(str(w.timeline), earliest, latest, w.wal_end or "-")
+    Console(width=140).print(table)
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print backups and windows as JSON.")
+@pass_context
+def list_(ctx: Context, as_json: bool) -> None:
+    """List backups and the recoverable window of each timeline.
+
+    Example: pgvault --config /etc/pgvault/demo.yaml list --json
+    """
+    from pgvault.recoverable import Recoverable
+
+    policy = ctx.policy()
+    storage = ctx.storage(policy)
+    from pgvault.catalog import Catalog
+
+    info = Catalog(storage, policy.cluster).require_cluster_info()
+    view = Recoverable(storage, policy.cluster, _waldump(policy, info.pg_version))
+    windows = [view.window(t) for t in view.timelines()]
+    if as_json:
+        _emit_json({"backups": [_backup_row(b) for b in view.backups],
+                    "windows": [w.as_dict() for w in windows]})
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"backups of cluster {policy.cluster}", title_justify="left")
+    for column in ("id", "status", "start", "stop", "stop LSN", "TL", "raw", "stored", "took", "annotations"):
+        table.add_column(column)
+    for b in view.backups:
+        table.add_row(b.id, "ok", f"{b.start_time:%Y-%m-%d %H:%M:%S}", f"{b.stop_time:%Y-%m-%d %H:%M:%S}",
+                      b.stop_lsn, str(b.timeline), _size(b.raw_size), _size(b.stored_size),
+                      f"{b.duration_s:.1f}s", ", ".join(f"{k}={v}" for k, v in b.annotations.items()))
+    Console(width=160).print(table)
+    _render_windows(windows)
+
+
+@cli.command()
+@click.argument("backup_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@pass_context
+def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
+    """Show one backup in full, or the repository: cluster, backups and recoverable windows.
+
+    Example: pgvault --config /etc/pgvault/demo.yaml info 20261126T020000Z
+    """
+    from pgvault.catalog import Catalog
+    from pgvault.errors import UsageError
+
+    policy = ctx.policy()
+    storage = ctx.storage(policy)
+    catalog = Catalog(storage, policy.cluster)
+    cluster = catalog.require_cluster_info()
+    if backup_id is not None:
+        record = catalog.backup(backup_id)
+        if record is None:
+            raise UsageError(f"no backup {backup_id!r} in this repository", hint="pgvault list shows backup ids")
+        data = record.model_dump(mode="json")
+        if as_json:
+            _emit_json(data)
+            return
+        for key in ("id", "timeline", "start_time", "stop_time", "start_lsn", "stop_lsn", "checkpoint_lsn",
+                    "start_wal", "stop_wal", "next_xid", "raw_size", "stored_size", "duration_s", "annotations",
+                    "pgvault_version"):
+            click.echo(f"{key:<16} {data[key]}")
+        click.echo(f"{'parts':<16} {len(record.parts)}")
+        for part in record.parts:
+            click.echo(f"  {part.key}  {part.raw_size} raw  {part.size} stored  sha256 {part.sha256}")
+        return
+    from pgvault.recoverable import Recoverable
+
+    view = Recoverable(storage, policy.cluster, _waldump(policy, cluster.pg_version))
+    windows = [view.window(t) for t in view.timelines()]
+    if as_json:
+        _emit_json({"cluster": cluster.model_dump(mode="json"), "repository": policy.repository.url,
+                    "backups": [_backup_row(b) for b in view.backups],
+                    "windows": [w.as_dict() for w in windows]})
+        return
+    click.echo(f"cluster      {cluster.cluster} (system {cluster.system_id}, PostgreSQL {cluster.pg_version})")
+    click.echo(f"repository   {policy.repository.url}")
+    click.echo(f"backups      {len(view.backups)}"
+               + (f" (newest {view.backups[-1].id})" if view.backups else ""))
+    _render_windows(windows)
+
+
+@cli.command()
+@click.option("--pgdata", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Data directory to restore into (empty unless --delta/--force).")
+@click.option("--backup", "backup_id", metavar="ID", help="Restore this backup (default: newest before the target).")
+@click.option("--target-time", type=TargetTime(), help="Recover up to this moment (with a time zone).")
+@click.option("--target-lsn", type=TargetLsn(), help="Recover up to this WAL location, e.g. 0/3000028.")
+@click.option("--target-xid", type=click.IntRange(min=3), help="Recover up to this transaction's commit.")
+@click.option("--target-name", help="Recover up to this restore point (pg_create_restore_point).")
+@click.option("--target", "target_immediate", type=click.Choice(["immediate"]),
+              help="immediate: stop as soon as the backup is consistent.")
+@click.option("--target-action", type=click.Choice(["promote", "pause", "shutdown"]), default="promote",
+              show_default=True, help="What PostgreSQL does on reaching the target.")
+@click.option("--target-timeline", type=Timeline(), default="latest", show_default=True,
+              help="Timeline to follow: current, latest or a number.")
+@click.option("--target-exclusive", is_flag=True, help="Stop just before the target instead of just after.")
+@click.option("--archive-mode", type=click.Choice(["preserve", "off"]), default="preserve", show_default=True,
+              help="off: the restored server does not archive (scratch copies, drills).")
+@click.option("--delta", is_flag=True, help="Reuse files in --pgdata that match the backup; remove the rest.")
+@click.option("--force", is_flag=True, help="Delete everything in --pgdata first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_context
+def restore(ctx: Context, pgdata: Path, backup_id: str | None, target_time: datetime | None, target_lsn: Any,
+            target_xid: int | None, target_name: str | None, target_immediate: str | None, target_action: str,
+            target_timeline: Any, target_exclusive: bool, archive_mode: str, delta: bool, force: bool,
+            as_json: bool) -> None:
+    """Restore a backup into --pgdata and set it up to recover to a target.
+
+    Without a target, recovery replays all archived WAL. Afterwards `pg_ctl -D DIR start`
+    recovers to the target and (by default) promotes.
+
+    Example: pgvault restore --pgdata /var/lib/postgresql/15/main --target-time '2026-11-20 14:30:00+00'
+    """
+    from pgvault.errors import UsageError
+    from pgvault.restore import RestoreRequest
+    from pgvault.restore import restore as run_restore
+    from pgvault.targets import make_target
+
+    if delta and force:
+        raise UsageError("give --delta or --force, not both",
+                         hint="--delta keeps matching files, --force deletes everything first")
+    target = make_target(time=target_time, lsn=target_lsn, xid=target_xid, name=target_name,
+                         immediate=target_immediate == "immediate", inclusive=not target_exclusive,
+                         action=target_action, timeline=target_timeline)
+    policy = ctx.policy()
+    storage = ctx.storage(policy)
+    from pgvault.catalog import Catalog
+
+    cluster = Catalog(storage, policy.cluster).require_cluster_info()
+    request = RestoreRequest(pgdata=pgdata, target=target, backup_id=backup_id,
+                             archive_mode=archive_mode,  # type: ignore[arg-type]
+                             mode="delta" if delta else "force" if force else "new",
+                             config_path=ctx.policy_path())
+    result = run_restore(storage, policy, request, waldump=_waldump(policy, cluster.pg_version),
+                         progress=ctx.progress)
+    if as_json:
+        _emit_json(result.as_dict())
+        return
+    click.echo(f"restored backup {result.backup_id} into {result.pgdata} ({result.files_written} files written, "
+               f"{result.files_unchanged} unchanged, {result.duration_s:.1f}s)")
+    click.echo(f"recovery target: {result.target}; start it with: pg_ctl -D {result.pgdata} start")
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Keep the demo's directories (prints where).")
+@pass_context
+def demo(ctx: Context, keep: bool) -> None:
+    """Run the whole job on a throwaway PostgreSQL: archive, back up, write, restore to a moment, compare.
+
+    Needs only the PostgreSQL 15 server binaries; cleans up after itself (also on Ctrl-C).
+
+    Example: pgvault demo
+    """
+    import os
+
+    from pgvault.demo import reexec_as_db_user, run_demo
+
+    if os.geteuid() == 0:
+        sys.exit(reexec_as_db_user(keep))
+    report = run_demo(progress=ctx.progress, keep=keep)
+    click.echo(report.render())
+    if not report.ok:
+        sys.exit(1)
+
+
+def _report(exc: PgvaultError, debug: bool) -> None:
+    from pgvault.redaction import redact
+
+    click.echo(f"error: {redact(exc.message)}", err=True)
+    if exc.hint:
+        click.echo(f"hint: {exc.hint}", err=True)
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+
+
+def main() -> NoReturn:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        result = cli.main(standalone_mode=False)
+    except PgvaultError as exc:
+        _report(exc, debug)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "pgvault"
+        click.echo(f"error: {exc.format_message()}", err=True)
+        click.echo(f"hint: see '{command} --help'", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so plainly, details under --debug
+        if debug:
+            raise
+        click.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", err=True)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,200 @@
+"""The policy file: pydantic models, YAML loading, and one-line errors for every mistake in it."""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from pgvault.errors import ConfigError
+
+CONFIG_ENV = "PGVAULT_CONFIG"
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB|TB|TiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
+    "gb": 1000**3, "gib": 1024**3, "tb": 1000**4, "tib": 1024**4,
+}
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_size(value: Any) -> int:
+    """'256MiB' -> 268435456; plain integers are bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 256MiB")
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a size; write e.g. 256MiB or 1GiB")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()]
+
+
+def parse_duration(value: Any) -> timedelta:
+    """'7d' -> 7 days; units s, m, h, d, w."""
+    if isinstance(value, timedelta):
+        return value
+    match = _DURATION_RE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration; write e.g. 90s, 15m, 12h, 7d or 2w")
+    return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `retension:` must not silently fall back to defaults.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostgresConfig(_Section):
+    conninfo: str = Field(description="libpq connection string; PG* environment variables also apply")
+    pgdata: Path | None = None
+    bindir: Path | None = Field(default=None, description="where initdb, pg_ctl and pg_waldump live")
+
+
+class RepositoryConfig(_Section):
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        parsed = urlparse(url)
+        if parsed.scheme == "file":
+            if not parsed.path.startswith("/"):
+                raise ValueError("a file repository needs an absolute path, e.g. file:///var/lib/pgvault")
+            return url
+        if parsed.scheme == "s3":
+            raise ValueError("s3:// repositories are not supported yet; use file:///path")
+        raise ValueError(f"unsupported scheme {parsed.scheme or '(none)'!r}; use file:///absolute/path")
+
+    @property
+    def path(self) -> Path:
+        return Path(urlparse(self.url).path)
+
+
+class CompressionConfig(_Section):
+    type: Literal["zstd"] = "zstd"
+    level: int = Field(default=3, ge=1, le=19)
+    # 0 lets zstd pick one worker per core; 1 keeps compression in the calling thread.
+    threads: int = Field(default=0, ge=0, le=64)
+
+
+class BackupConfig(_Section):
+    part_size: Size = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    # Fast checkpoint: a spread checkpoint made one backup wait 210 s for nothing.
+    checkpoint: Literal["fast", "spread"] = "fast"
+    # How long to wait for the WAL a backup needs to reach the repository before failing it.
+    wal_timeout: Duration = timedelta(minutes=5)
+
+
+class ArchiveConfig(_Section):
+    check_timeout: Duration = timedelta(seconds=60)
+    compression_level: int = Field(default=1, ge=1, le=19)
+
+
+class RestoreConfig(_Section):
+    parallel: int = Field(default=2, ge=1, le=64)
+
+
+class RetentionConfig(_Section):
+    daily: int = Field(default=7, ge=0)
+    weekly: int = Field(default=4, ge=0)
+    monthly: int = Field(default=6, ge=0)
+    min_backups: int = Field(default=1, ge=1)
+    pitr_window: Duration = timedelta(days=7)
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}; use an IANA name such as UTC or Europe/Berlin") from None
+        return name
+
+
+class ScheduleConfig(_Section):
+    backup: str = "0 2 * * *"
+    verify: str = "30 3 * * *"
+    drill: str = "0 4 1 */3 *"
+
+
+class Policy(_Section):
+    cluster: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    postgres: PostgresConfig
+    repository: RepositoryConfig
+    compression: CompressionConfig = CompressionConfig()
+    backup: BackupConfig = BackupConfig()
+    archive: ArchiveConfig = ArchiveConfig()
+    restore: RestoreConfig = RestoreConfig()
+    retention: RetentionConfig = RetentionConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+_FIXES = {
+    "missing": "add it",
+    "extra_forbidden": "remove it or check its spelling",
+}
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "missing":
+        return f"{source}: {where} is required; add it"
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key {where}; remove it or check its spelling"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind == "string_pattern_mismatch" and where == "cluster":
+        message = "must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+    return f"{source}: {where}: {message}"
+
+
+def parse_policy(data: Any, source: str) -> Policy:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _describe(errors[0], source)
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(first + more) from None
+
+
+def resolve_config_path(explicit: str | None) -> Path:
+    value = explicit or os.environ.get(CONFIG_ENV)
+    if not value:
+        raise ConfigError(
+            "no policy file given", hint=f"pass --config FILE or set {CONFIG_ENV} (see policies/ for examples)"
+        )
+    return Path(value).absolute()
+
+
+def load_policy(path: Path) -> Policy:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"policy file {path} does not exist", hint="check --config / PGVAULT_CONFIG") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read policy file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    return parse_policy(data, str(path))

@@ -1,0 +1,68 @@
+"""Recovery settings: recovery.signal plus restore_command and the recovery_target_* settings."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from pgvault.pg.autoconf import set_auto_conf
+from pgvault.targets import RecoveryTarget
+
+# Settings a previous restore or the backed-up cluster may have left that would change this recovery.
+_STALE = (
+    "restore_command", "recovery_target", "recovery_target_time", "recovery_target_lsn",
+    "recovery_target_xid", "recovery_target_name", "recovery_target_inclusive",
+    "recovery_target_timeline", "recovery_target_action", "recovery_end_command",
+)
+
+
+def self_command() -> list[str]:
+    """How PostgreSQL should invoke this pgvault (the console script, else the module)."""
+    script = Path(sys.argv[0])
+    if script.name == "pgvault" and script.is_file():
+        return [str(script.absolute())]
+    return [sys.executable, "-m", "pgvault"]
+
+
+def restore_command(config_path: Path) -> str:
+    parts = [*self_command(), "--config", str(config_path), "wal-fetch"]
+    # PostgreSQL substitutes %f and %p; the rest is quoted for the shell it runs the command with.
+    return " ".join(shlex.quote(p) for p in parts) + ' "%f" "%p"'
+
+
+def recovery_settings(target: RecoveryTarget, command: str, *, archive_off: bool) -> dict[str, str]:
+    settings = {"restore_command": command}
+    match target.kind:
+        case "time":
+            assert target.time is not None
+            settings["recovery_target_time"] = target.time.isoformat(sep=" ")
+        case "lsn":
+            settings["recovery_target_lsn"] = str(target.lsn)
+        case "xid":
+            settings["recovery_target_xid"] = str(target.xid)
+        case "name":
+            assert target.name is not None
+            settings["recovery_target_name"] = target.name
+        case "immediate":
+            settings["recovery_target"] = "immediate"
+    if target.kind != "end":
+        settings["recovery_target_action"] = target.action
+    if target.kind in ("time", "lsn", "xid"):
+        settings["recovery_target_inclusive"] = "on" if target.inclusive else "off"
+    settings["recovery_target_timeline"] = str(target.timeline)
+    if archive_off:
+        settings["archive_mode"] = "off"
+    return settings
+
+
+def write_recovery(pgdata: Path, settings: dict[str, str]) -> None:
+    set_auto_conf(pgdata, settings, remove=_STALE)
+    signal = pgdata / "recovery.signal"
+    signal.touch()
+    if os.geteuid() == 0:
+        st = pgdata.stat()
+        os.chown(signal, st.st_uid, st.st_gid)
+    for stale in ("standby.signal",):
+        (pgdata / stale).unlink(missing_ok=True)

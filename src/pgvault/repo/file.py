@@ -1,0 +1,192 @@
+"""A repository in a local (or mounted) directory.
+
+Each object is a plain file (readable with ordinary tools: `zstd -d`) plus a `<name>.meta`
+JSON sidecar holding its SHA-256, size and extra metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+from pgvault.errors import ObjectExists, ObjectNotFound, RepositoryError
+from pgvault.repo.base import ObjectInfo, ObjectMeta
+
+META_SUFFIX = ".meta"
+TMP_PREFIX = ".tmp."
+CHUNK = 1024 * 1024
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class FileStorage:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise RepositoryError(f"invalid object key {key!r}")
+        return self.root / key
+
+    def _make_dirs(self, directory: Path) -> None:
+        """mkdir -p, fsyncing each new directory's parent so the entry itself is durable."""
+        missing: list[Path] = []
+        probe = directory
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        for new in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                new.mkdir()
+            fsync_dir(new.parent)
+
+    def put(
+        self, key: str, data: BinaryIO, *, extra: Mapping[str, str] | None = None, overwrite: bool = False
+    ) -> ObjectMeta:
+        path = self._path(key)
+        try:
+            self._make_dirs(path.parent)
+            if not overwrite and path.exists():
+                raise ObjectExists(f"object {key} already exists")
+            suffix = f"{os.getpid()}.{secrets.token_hex(4)}"
+            tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{suffix}")
+            digest = hashlib.sha256()
+            size = 0
+            try:
+                with open(tmp, "wb") as handle:
+                    while chunk := data.read(CHUNK):
+                        digest.update(chunk)
+                        handle.write(chunk)
+                        size += len(chunk)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                meta = ObjectMeta(size=size, sha256=digest.hexdigest(), extra=dict(extra or {}))
+                meta_tmp = path.with_name(f"{TMP_PREFIX}{path.name}{META_SUFFIX}.{suffix}")
+                _write_durably(meta_tmp, json.dumps({"size": size, "sha256": meta.sha256,
+                                                     "extra": dict(meta.extra)}).encode())
+                if overwrite:
+                    os.replace(tmp, path)
+                else:
+                    # link() fails if the name exists: an atomic no-clobber publish, even against a
+                    # concurrent writer of the same key.
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        raise ObjectExists(f"object {key} already exists") from None
+                # The sidecar is renamed only by the writer whose data won the name.
+                os.replace(meta_tmp, path.with_name(path.name + META_SUFFIX))
+                fsync_dir(path.parent)
+                return meta
+            finally:
+                for leftover in (tmp, path.with_name(f"{TMP_PREFIX}{path.name}{META_SUFFIX}.{suffix}")):
+                    with contextlib.suppress(FileNotFoundError):
+                        leftover.unlink()
+        except OSError as exc:
+            raise RepositoryError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def _read_meta(self, path: Path) -> ObjectMeta:
+        try:
+            raw = json.loads(path.with_name(path.name + META_SUFFIX).read_bytes())
+            return ObjectMeta(size=int(raw["size"]), sha256=str(raw["sha256"]), extra=raw.get("extra") or {})
+        except FileNotFoundError:
+            # Data published but its sidecar not yet (a writer in flight, or one killed between the
+            # two renames): the data file is complete (it was fsynced before link), so describe it.
+            digest = hashlib.sha256()
+            size = 0
+            with open(path, "rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+            return ObjectMeta(size=size, sha256=digest.hexdigest(), extra={})
+        except (ValueError, KeyError, TypeError):
+            raise RepositoryError(f"metadata of {path} is unreadable; run pgvault verify") from None
+
+    def open(self, key: str) -> tuple[BinaryIO, ObjectMeta]:
+        path = self._path(key)
+        try:
+            meta = self._read_meta(path)
+            return open(path, "rb"), meta
+        except FileNotFoundError:
+            raise ObjectNotFound(f"object {key} is not in the repository") from None
+        except OSError as exc:
+            raise RepositoryError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def head(self, key: str) -> ObjectMeta | None:
+        path = self._path(key)
+        try:
+            return self._read_meta(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise RepositoryError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / base if base else self.root
+        if not start.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for name in sorted(filenames):
+                if name.startswith(TMP_PREFIX) or name.endswith(META_SUFFIX):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    size = os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(key=key, size=size)
+
+    def list_debris(self, prefix: str) -> Iterator[str]:
+        """Temp files left by killed writers (paths relative to the root)."""
+        start = self.root / prefix
+        if not start.is_dir():
+            return
+        for dirpath, _dirnames, filenames in os.walk(start):
+            for name in filenames:
+                if name.startswith(TMP_PREFIX):
+                    yield os.path.relpath(os.path.join(dirpath, name), self.root)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        parents: set[Path] = set()
+        for key in keys:
+            path = self._path(key)
+            for victim in (path.with_name(path.name + META_SUFFIX), path):
+                try:
+                    victim.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise RepositoryError(f"cannot delete {victim}: {exc.strerror or exc}") from None
+            parents.add(path.parent)
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            # Remove directories the delete emptied, never the root itself.
+            probe = parent
+            while probe != self.root and self.root in probe.parents:
+                try:
+                    probe.rmdir()
+                except OSError:
+                    break
+                probe = probe.parent

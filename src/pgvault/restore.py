@@ -1,0 +1,381 @@
+"""Restoring a backup into a data directory and setting it up to recover to a target.
+
+Everything that can be checked is checked before the first byte is written (guarantees 6 and 7):
+the data directory, the backup, the target against the archived WAL, every part's checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from pgvault.catalog import BackupRecord, PartRecord, StoredObject
+from pgvault.config import Policy
+from pgvault.errors import DataDirectoryInUse, IntegrityError, TargetUnreachable
+from pgvault.pg import recovery
+from pgvault.pg.wal import WalSegment
+from pgvault.recoverable import _XACT_KINDS, Recoverable
+from pgvault.repo.base import Storage
+from pgvault.targets import RecoveryTarget
+from pgvault.window import BackupReach, by_id, choose_for_lsn, choose_for_time
+
+Progress = Callable[[str], None]
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    pgdata: Path
+    target: RecoveryTarget = field(default_factory=RecoveryTarget)
+    backup_id: str | None = None
+    archive_mode: Literal["preserve", "off"] = "preserve"
+    mode: Literal["new", "delta", "force"] = "new"
+    config_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    backup_id: str
+    pgdata: str
+    target: str
+    timeline: int
+    settings: dict[str, str]
+    files_written: int
+    files_unchanged: int
+    bytes_written: int
+    duration_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# ---- the data directory -----------------------------------------------------------------------
+
+def _postmaster_alive(pgdata: Path) -> int | None:
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    except PermissionError:
+        return -1
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def check_data_directory(pgdata: Path, mode: str) -> None:
+    if pgdata.exists() and not pgdata.is_dir():
+        raise DataDirectoryInUse(f"--pgdata {pgdata} exists and is not a directory")
+    if not pgdata.exists():
+        return
+    pid = _postmaster_alive(pgdata)
+    if pid is not None:
+        raise DataDirectoryInUse(
+            f"--pgdata {pgdata} belongs to a running PostgreSQL (postmaster pid {pid})",
+            hint="stop it first (pg_ctl -D DIR stop); pgvault never restores under a running server",
+        )
+    if mode == "new" and any(pgdata.iterdir()):
+        raise DataDirectoryInUse(
+            f"--pgdata {pgdata} is not empty",
+            hint="choose an empty directory, or pass --delta to reuse matching files or --force to replace "
+            "everything in it",
+        )
+
+
+def _owner_for(pgdata: Path) -> tuple[int, int] | None:
+    """When root restores, files go to the data directory's owner (or postgres), as the server needs."""
+    if os.geteuid() != 0:
+        return None
+    probe = pgdata if pgdata.exists() else pgdata.parent
+    st = probe.stat()
+    if st.st_uid != 0:
+        return st.st_uid, st.st_gid
+    try:
+        user = pwd.getpwnam("postgres")
+        return user.pw_uid, user.pw_gid
+    except KeyError:
+        return None
+
+
+def _wipe(pgdata: Path) -> None:
+    for entry in pgdata.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+# ---- choosing the backup and checking the target ------------------------------------------------
+
+@dataclass(frozen=True)
+class RestorePlan:
+    reach: BackupReach
+    timeline: int
+    target: RecoveryTarget
+
+    @property
+    def backup(self) -> BackupRecord:
+        return self.reach.backup
+
+
+def plan_restore(view: Recoverable, request: RestoreRequest) -> RestorePlan:
+    target = request.target
+    if request.backup_id is not None and not any(b.id == request.backup_id for b in view.backups):
+        raise TargetUnreachable(f"no backup {request.backup_id} in this repository",
+                                hint="pgvault list shows backup ids")
+    pinned = next((b for b in view.backups if b.id == request.backup_id), None)
+    timeline = view.resolve_timeline(target.timeline, pinned)
+    reach = view.reach(timeline)
+    if not reach:
+        raise TargetUnreachable(f"no backup in the repository can be restored on timeline {timeline}",
+                                hint="take one with pgvault backup; pgvault info shows what exists")
+    if target.timeline == "current" and pinned is None:
+        # 'current' means the chosen backup's timeline; the newest backup decides it.
+        timeline = view.resolve_timeline("current", reach[-1].backup)
+        reach = view.reach(timeline)
+    chosen = _choose(view, reach, request)
+    _check_reachable(view, chosen, target)
+    return RestorePlan(chosen, timeline, target)
+
+
+def _choose(view: Recoverable, reach: list[BackupReach], request: RestoreRequest) -> BackupReach:
+    target = request.target
+    if request.backup_id is not None:
+        chosen = by_id(reach, view.backups, request.backup_id)
+        _check_backup_before(chosen, target)
+        return chosen
+    if target.kind == "time":
+        assert target.time is not None
+        return choose_for_time(reach, target.time)
+    if target.kind == "lsn":
+        assert target.lsn is not None
+        return choose_for_lsn(reach, target.lsn)
+    if target.kind in ("xid", "name"):
+        # Find the record itself in the archive so the backup can be chosen by its position.
+        longest = max(reach, key=lambda r: r.wal_end.number)
+        event = view.find_last(longest.wal, _event_matcher(target))
+        if event is None:
+            raise TargetUnreachable(f"{target.describe()} is not in the archived WAL "
+                                    f"({longest.wal[0].name}..{longest.wal_end.name})",
+                                    hint="check the name or xid; pgvault info shows the recoverable window")
+        return choose_for_lsn(reach, event.lsn)
+    return reach[-1]
+
+
+def _event_matcher(target: RecoveryTarget) -> Callable[[Any], bool]:
+    if target.kind == "name":
+        return lambda e: e.kind == "RESTORE_POINT" and e.name == target.name
+    return lambda e: e.kind in _XACT_KINDS and e.xid == target.xid
+
+
+def _check_backup_before(chosen: BackupReach, target: RecoveryTarget) -> None:
+    backup = chosen.backup
+    if target.kind == "time" and target.time is not None and target.time < backup.stop_time:
+        raise TargetUnreachable(f"{target.describe()} is before backup {backup.id} became consistent "
+                                f"({backup.stop_time.isoformat(sep=' ', timespec='seconds')})",
+                                hint="pick an older backup or drop --backup")
+    if target.kind == "lsn" and target.lsn is not None and target.lsn < backup.stop:
+        raise TargetUnreachable(f"{target.describe()} is before backup {backup.id} became consistent "
+                                f"(LSN {backup.stop_lsn})", hint="pick an older backup or drop --backup")
+
+
+def _check_reachable(view: Recoverable, chosen: BackupReach, target: RecoveryTarget) -> None:
+    """Refuse targets beyond the archived WAL: PostgreSQL would fail only after the whole restore."""
+    backup = chosen.backup
+    stop_number = WalSegment.parse(backup.stop_wal, view.segment_size).number
+    tail = [s for s in chosen.wal if s.number >= stop_number]
+    if target.kind == "time":
+        assert target.time is not None
+        last = view.find_last(tail, lambda e: e.kind in _XACT_KINDS)
+        if last is None or last.time is None or last.time <= target.time or last.lsn < backup.stop:
+            latest = (f"the last archived transaction ended at {last.time.isoformat(sep=' ')}"
+                      if last is not None and last.time is not None and last.lsn >= backup.stop
+                      else "no transaction was archived after the backup")
+            raise TargetUnreachable(
+                f"{target.describe()} is after the last archived WAL: {latest}",
+                hint="recovery to this target would not complete; choose an earlier time, or restore "
+                "without a target to recover everything archived",
+            )
+    elif target.kind == "lsn":
+        assert target.lsn is not None
+        last = view.find_last(tail[-1:], lambda e: True)
+        latest = last.lsn if last is not None else backup.stop
+        if target.lsn > latest:
+            raise TargetUnreachable(f"{target.describe()} is after the last archived WAL record ({latest})",
+                                    hint="choose an earlier LSN; pgvault info shows the recoverable window")
+    elif target.kind in ("xid", "name"):
+        event = view.find_last(tail, _event_matcher(target))
+        if event is None or event.lsn < backup.stop:
+            raise TargetUnreachable(f"{target.describe()} is not in the WAL after backup {backup.id}",
+                                    hint="choose an older backup with --backup, or drop --backup")
+
+
+# ---- reading and writing the parts ------------------------------------------------------------
+
+class _HashingReader:
+    """Reads a stored object while hashing it; at EOF checks size and SHA-256 against the record."""
+
+    def __init__(self, handle: BinaryIO, record: StoredObject) -> None:
+        self._handle = handle
+        self._record = record
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        self._digest.update(data)
+        self._size += len(data)
+        if not data or (size < 0):
+            self.check()
+        return data
+
+    def check(self) -> None:
+        if self._size != self._record.size or self._digest.hexdigest() != self._record.sha256:
+            raise IntegrityError(f"object {self._record.key} does not match the SHA-256 recorded in its backup",
+                                 hint="the repository is damaged: run pgvault verify, restore another backup")
+
+
+def verify_object(storage: Storage, record: StoredObject) -> None:
+    handle, _meta = storage.open(record.key)
+    with handle:
+        reader = _HashingReader(handle, record)
+        while reader.read(CHUNK):
+            pass
+
+
+def _read_manifest(storage: Storage, record: StoredObject) -> bytes:
+    import zstandard
+
+    handle, _meta = storage.open(record.key)
+    with handle:
+        reader = _HashingReader(handle, record)
+        data = reader.read()
+    return zstandard.ZstdDecompressor().decompress(data)
+
+
+def _manifest_checksums(manifest: bytes) -> dict[str, tuple[int, str]]:
+    files = json.loads(manifest).get("Files", [])
+    return {f["Path"]: (int(f["Size"]), f.get("Checksum", "")) for f in files
+            if f.get("Checksum-Algorithm") == "SHA256"}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _extract_part(storage: Storage, part: PartRecord, pgdata: Path, owner: tuple[int, int] | None,
+                  unchanged: Callable[[str, int, Path], bool] | None) -> tuple[int, int, int, set[str]]:
+    import zstandard
+
+    from pgvault import tarparts
+
+    handle, _meta = storage.open(part.key)
+    names: set[str] = set()
+    with handle:
+        hashed = _HashingReader(handle, part)
+        stream = zstandard.ZstdDecompressor().stream_reader(hashed, read_across_frames=True)
+
+        def record_name(name: str, size: int, path: Path) -> bool:
+            names.add(name)
+            return unchanged(name, size, path) if unchanged else False
+
+        stats = tarparts.extract(stream, pgdata, owner=owner, unchanged=record_name)
+        # Drain so the checksum covers every stored byte, not just what tar needed.
+        while hashed.read(CHUNK):
+            pass
+    return stats.files, stats.skipped, stats.bytes, names
+
+
+def _remove_unlisted(pgdata: Path, keep: set[str]) -> None:
+    """A delta restore leaves only what the backup has (old WAL of another timeline included)."""
+    for dirpath, _dirnames, filenames in os.walk(pgdata, topdown=False):
+        rel_dir = os.path.relpath(dirpath, pgdata)
+        for name in filenames:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if rel not in keep and rel != "backup_manifest":
+                os.unlink(os.path.join(dirpath, name))
+
+
+def restore(
+    storage: Storage, policy: Policy, request: RestoreRequest, *, waldump: str, progress: Progress,
+) -> RestoreResult:
+    started = time.monotonic()
+    pgdata = request.pgdata.absolute()
+    check_data_directory(pgdata, request.mode)
+    view = Recoverable(storage, policy.cluster, waldump)
+    plan = plan_restore(view, request)
+    backup = plan.backup
+    progress(f"restore: backup {backup.id} (timeline {backup.timeline}, consistent at {backup.stop_lsn}), "
+             f"target {plan.target.describe()}")
+
+    parallel = policy.restore.parallel
+    progress(f"restore: verifying {len(backup.parts)} part(s) before writing anything")
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(lambda p: verify_object(storage, p), backup.parts))
+    manifest = _read_manifest(storage, backup.manifest)
+
+    owner = _owner_for(pgdata)
+    if request.mode == "force" and pgdata.exists():
+        _wipe(pgdata)
+    pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(pgdata, 0o700)
+    if owner is not None:
+        os.chown(pgdata, *owner)
+
+    unchanged = None
+    if request.mode == "delta":
+        checksums = _manifest_checksums(manifest)
+
+        def unchanged(name: str, size: int, path: Path) -> bool:
+            known = checksums.get(name)
+            return (known is not None and path.is_file() and path.stat().st_size == size == known[0]
+                    and _file_sha256(path) == known[1])
+
+    progress(f"restore: extracting into {pgdata}")
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        results = list(pool.map(lambda p: _extract_part(storage, p, pgdata, owner, unchanged), backup.parts))
+    written = sum(r[0] for r in results)
+    skipped = sum(r[1] for r in results)
+    nbytes = sum(r[2] for r in results)
+    if request.mode == "delta":
+        _remove_unlisted(pgdata, set().union(*(r[3] for r in results)))
+
+    manifest_path = pgdata / "backup_manifest"
+    manifest_path.write_bytes(manifest)
+    manifest_path.chmod(0o600)
+    if owner is not None:
+        os.chown(manifest_path, *owner)
+    for empty in ("pg_wal", "pg_wal/archive_status"):
+        (pgdata / empty).mkdir(mode=0o700, exist_ok=True)
+        if owner is not None:
+            os.chown(pgdata / empty, *owner)
+
+    assert request.config_path is not None
+    settings = recovery.recovery_settings(plan.target, recovery.restore_command(request.config_path),
+                                          archive_off=request.archive_mode == "off")
+    recovery.write_recovery(pgdata, settings)
+    os.sync()
+    progress(f"restore: done; start PostgreSQL on {pgdata} to recover to {plan.target.describe()}")
+    return RestoreResult(
+        backup_id=backup.id, pgdata=str(pgdata), target=plan.target.describe(), timeline=plan.timeline,
+        settings=settings, files_written=written, files_unchanged=skipped, bytes_written=nbytes,
+        duration_s=round(time.monotonic() - started, 3),
+    )
