@@ -3,37 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pgvault.errors import PostgresError
-from pgvault.pg.instance import LocalInstance, as_db_user, find_bindir, free_port
+from pgvault.pg.instance import LocalInstance, as_db_user, free_port
 
-try:
-    find_bindir()
-    _HAVE_PG = True
-except PostgresError:
-    _HAVE_PG = False
-
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not _HAVE_PG, reason="PostgreSQL server binaries not installed"),
-]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Not tmp_path: /tmp/pytest-of-root is 0700, so the postgres OS user could not reach it when we are root.
-    path = Path(tempfile.mkdtemp(prefix="pgvault-it-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+# No skip when PostgreSQL is missing: scripts/setup installs it, and a suite that silently skips
+# its real-server tests proves nothing.
+pytestmark = [pytest.mark.integration]
 
 
 def test_create_start_query_stop_destroy(workdir: Path) -> None:

@@ -19,10 +19,17 @@ _STALE = (
 
 
 def self_command() -> list[str]:
-    """How PostgreSQL should invoke this pgvault (the console script, else the module)."""
+    """How PostgreSQL should invoke this pgvault: the console script beside the running interpreter.
+
+    The directory is resolved so a symlinked venv is named by its real path, which the database user
+    can reach even when the symlink sits in a directory it cannot enter.
+    """
+    beside = Path(sys.executable).parent.resolve() / "pgvault"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
     script = Path(sys.argv[0])
     if script.name == "pgvault" and script.is_file():
-        return [str(script.absolute())]
+        return [str(script.resolve())]
     return [sys.executable, "-m", "pgvault"]
 
 

@@ -1,0 +1,230 @@
+"""The one fixture module: real PostgreSQL clusters (initdb'd on free ports) and the pgvault CLI.
+
+Everything runs as a user would run it: the `pgvault` console script in a subprocess, as the
+database OS user when the tests run as root (PostgreSQL runs archive_command as that user too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pgvault.pg.autoconf import set_auto_conf
+from pgvault.pg.instance import LocalInstance, as_db_user, chown_to_db_user
+
+# The console script of the pgvault under test, by its real path (the postgres user may not be able
+# to enter the checkout, but can reach the venv).
+PGVAULT = str(Path(sys.executable).parent.resolve() / "pgvault")
+
+
+def make_workdir(prefix: str = "pgvault-test-") -> Path:
+    """A temp dir the database user owns (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(path, 0o755)
+    chown_to_db_user(path)
+    return path
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def out(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_pgvault(*args: str, config: Path | None = None, env: dict[str, str] | None = None,
+                timeout: float = 300) -> Result:
+    cmd = [PGVAULT]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    cmd += list(args)
+    proc = subprocess.run(as_db_user(cmd), capture_output=True, text=True, cwd="/tmp", timeout=timeout,
+                          env={**os.environ, **(env or {})}, check=False)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@dataclass
+class Mark:
+    """One committed batch: its rows, and positions just after its commit."""
+
+    batch: int
+    rows: list[tuple[int, int]]
+    committed_at: datetime  # client clock, just after COMMIT returned
+    lsn_after: str  # pg_current_wal_lsn() just after the commit
+    xid: int
+    between_next: datetime  # a moment after this commit and before the next batch's
+
+
+@dataclass
+class Marks:
+    items: list[Mark] = field(default_factory=list)
+
+    def __getitem__(self, index: int) -> Mark:
+        return self.items[index]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def rows_through(self, index: int, base: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+        rows = list(base or [])
+        for mark in self.items[: index + 1]:
+            rows.extend(mark.rows)
+        return sorted(rows)
+
+
+@dataclass
+class Cluster:
+    """A running PostgreSQL archiving into a file repository through pgvault."""
+
+    workdir: Path
+    pg: LocalInstance
+    config: Path
+    repo: Path
+    restored: list[LocalInstance] = field(default_factory=list)
+    _batch: int = 0
+    _restores: int = 0
+
+    # pgvault ------------------------------------------------------------------------------
+    def pgvault(self, *args: str, **kwargs: Any) -> Result:
+        return run_pgvault(*args, config=self.config, **kwargs)
+
+    def ok(self, *args: str, **kwargs: Any) -> Result:
+        result = self.pgvault(*args, **kwargs)
+        assert result.returncode == 0, f"pgvault {' '.join(args)} failed ({result.returncode}):\n{result.out}"
+        return result
+
+    def backup(self, *args: str) -> str:
+        return self.ok("-q", "backup", *args).stdout.strip()
+
+    def flush_archive(self) -> None:
+        """Switch WAL and wait until that segment is in the repository (pgvault check does exactly that)."""
+        self.ok("-q", "check")
+
+    # SQL ----------------------------------------------------------------------------------
+    def sql(self, sql: str) -> str:
+        return self.pg.psql(sql)
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        return self.pg.query(sql, params)
+
+    def create_table(self, name: str = "t") -> None:
+        self.sql(f"CREATE TABLE IF NOT EXISTS {name} (batch int NOT NULL, n int NOT NULL)")
+
+    def commit_batch(self, rows: int = 5, table: str = "t") -> Mark:
+        self._batch += 1
+        batch = self._batch
+        with self.pg.connect() as conn:
+            with conn.transaction():
+                xid = int(conn.execute("SELECT txid_current()").fetchone()[0])
+                conn.execute(f"INSERT INTO {table} SELECT %s, g FROM generate_series(1, %s) g", (batch, rows))
+            committed_at = datetime.now(UTC)
+            lsn_after = str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0])
+        return Mark(batch, [(batch, n) for n in range(1, rows + 1)], committed_at, lsn_after, xid,
+                    committed_at)
+
+    def commit_batches(self, count: int, *, pause: float = 0.4, rows: int = 5, table: str = "t") -> Marks:
+        """Commit `count` batches `pause` seconds apart; between_next lies halfway in each pause."""
+        marks = Marks()
+        for i in range(count):
+            if i:
+                time.sleep(pause)
+            marks.items.append(self.commit_batch(rows, table))
+        for mark in marks.items:
+            mark.between_next = mark.committed_at + timedelta(seconds=pause / 2)
+        time.sleep(pause / 2 + 0.05)
+        return marks
+
+    # restore ------------------------------------------------------------------------------
+    def restore(self, *flags: str, pgdata: Path | None = None) -> Result:
+        target = pgdata or self.next_restore_dir()
+        return self.pgvault("-q", "restore", "--pgdata", str(target), *flags)
+
+    def next_restore_dir(self) -> Path:
+        self._restores += 1
+        return self.workdir / f"restore{self._restores}"
+
+    def restore_into(self, *flags: str, archive_mode: str = "off", start: bool = True,
+                     wait_promoted: bool = True) -> LocalInstance:
+        """Restore, start the copy on a free port, and wait until it reached its target and promoted."""
+        pgdata = self.next_restore_dir()
+        result = self.pgvault("-q", "restore", "--pgdata", str(pgdata), "--archive-mode", archive_mode, *flags)
+        assert result.returncode == 0, f"restore failed ({result.returncode}):\n{result.out}"
+        instance = LocalInstance.existing(pgdata)
+        self.restored.append(instance)
+        if start:
+            instance.start()
+            if wait_promoted:
+                instance.wait_promoted()
+        return instance
+
+
+def rows_of(instance: LocalInstance, table: str = "t") -> list[tuple[int, int]]:
+    return sorted((int(b), int(n)) for b, n in instance.query(f"SELECT batch, n FROM {table}"))
+
+
+def write_policy(path: Path, cluster: str, conninfo: str, repo: Path, **sections: Any) -> None:
+    data: dict[str, Any] = {"cluster": cluster, "postgres": {"conninfo": conninfo},
+                            "repository": {"url": f"file://{repo}"}}
+    data.update(sections)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    chown_to_db_user(path)
+
+
+def new_cluster(workdir: Path, *, name: str = "pg", cluster: str = "test", repo: Path | None = None,
+                init: bool = True, settings: dict[str, str] | None = None, **sections: Any) -> Cluster:
+    repo = repo or workdir / "repo"
+    config = workdir / f"{name}.yaml"
+    pg = LocalInstance.create(workdir / name)
+    archive_command = f"{PGVAULT} --config {config} wal-push %p"
+    set_auto_conf(pg.pgdata, {"wal_level": "replica", "archive_mode": "on", "archive_command": archive_command,
+                              **(settings or {})})
+    sections.setdefault("backup", {"part_size": "1MiB"})
+    write_policy(config, cluster, pg.conninfo(), repo, **sections)
+    pg.start()
+    made = Cluster(workdir=workdir, pg=pg, config=config, repo=repo)
+    if init:
+        made.ok("init")
+    return made
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = make_workdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(workdir: Path) -> Iterator[Cluster]:
+    """A fresh cluster archiving into a fresh file repository, initialized, with table t."""
+    made = new_cluster(workdir)
+    made.create_table()
+    try:
+        yield made
+    finally:
+        for instance in [*made.restored, made.pg]:
+            with contextlib.suppress(Exception):
+                instance.stop(mode="immediate")
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
