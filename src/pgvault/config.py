@@ -148,6 +148,26 @@ _FIXES = {
 }
 
 
+# pydantic's own wording ("Input should be a valid dictionary or instance of PostgresConfig") names
+# neither the YAML shape nor the fix; these say what to write instead.
+_TYPE_RULES = {
+    "string_type": "must be text (quote it)",
+    "model_type": "must be a section: its settings as 'key: value' lines indented under it",
+    "dict_type": "must be a section: its settings as 'key: value' lines indented under it",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "path_type": "must be a file system path (quote it)",
+    "literal_error": "must be {expected}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "greater_than": "must be more than {gt}",
+    "less_than": "must be less than {lt}",
+}
+
+
 def _describe(error: dict[str, Any], source: str) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "(top level)"
     kind = error["type"]
@@ -155,6 +175,11 @@ def _describe(error: dict[str, Any], source: str) -> str:
         return f"{source}: {where} is required; add it"
     if kind == "extra_forbidden":
         return f"{source}: unknown key {where}; remove it or check its spelling"
+    if kind in _TYPE_RULES:
+        rule = _TYPE_RULES[kind].format(**(error.get("ctx") or {}))
+        value = error.get("input")
+        given = "an empty value" if value is None else repr(value) if len(repr(value)) <= 60 else "that value"
+        return f"{source}: {where} {rule}, not {given}"
     message = str(error["msg"]).removeprefix("Value error, ")
     if kind == "string_pattern_mismatch" and where == "cluster":
         message = "must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit"
@@ -163,7 +188,8 @@ def _describe(error: dict[str, Any], source: str) -> str:
 
 def parse_policy(data: Any, source: str) -> Policy:
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level; write 'key: value' lines "
+                          "starting with cluster:, postgres: and repository:")
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
@@ -190,7 +216,9 @@ def load_policy(path: Path) -> Policy:
     except FileNotFoundError:
         raise ConfigError(f"policy file {path} does not exist", hint="check --config / PGVAULT_CONFIG") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read policy file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read policy file {path}: {exc.strerror}",
+                          hint="make it a readable file for the user running pgvault "
+                          "(PostgreSQL runs wal-push as its own OS user)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
