@@ -49,7 +49,9 @@ def check_segment(name: str, data: bytes, system_id: str, segment_size: int) -> 
     """Refuse a segment that is not what its name says or belongs to another cluster."""
     base = name.removesuffix(".partial")
     if len(data) != segment_size:
-        raise ConflictError(f"{name} is {len(data)} bytes, not the cluster's WAL segment size {segment_size}")
+        raise ConflictError(f"{name} is {len(data)} bytes, not the cluster's WAL segment size {segment_size}",
+                            hint="archive_command must pass %p, the segment PostgreSQL hands it; this file is "
+                            "truncated or not WAL")
     try:
         header = parse_long_header(data)
     except ValueError as exc:
@@ -61,7 +63,9 @@ def check_segment(name: str, data: bytes, system_id: str, segment_size: int) -> 
             hint="check that archive_command passes this cluster's own --config",
         )
     segment = WalSegment.parse(base, segment_size)
-    if header.timeline != segment.timeline or header.page_address != segment.start_lsn:
+    # The first segment of a new timeline starts as a copy of the parent's segment up to the switch
+    # point, so its first page still carries the parent's (lower) timeline.
+    if header.timeline > segment.timeline or header.page_address != segment.start_lsn:
         raise ConflictError(f"{name}'s header says timeline {header.timeline} at {header.page_address}; "
                             "the file was renamed or damaged")
 
@@ -71,7 +75,8 @@ def _stored_raw_sha256(storage: Storage, key: str) -> str:
     with handle:
         stored = handle.read()
     if hashlib.sha256(stored).hexdigest() != meta.sha256:
-        raise IntegrityError(f"object {key} does not match its recorded SHA-256", hint="run pgvault verify")
+        raise IntegrityError(f"object {key} does not match its recorded SHA-256",
+                             hint="the stored segment is damaged; it cannot be compared, so nothing was archived")
     raw = stored if key.endswith(".history") else _decompress(stored)
     return hashlib.sha256(raw).hexdigest()
 
@@ -138,7 +143,8 @@ def fetch(storage: Storage, layout: Layout, name: str, dest: Path) -> int:
         stored = handle.read()
     if len(stored) != meta.size or hashlib.sha256(stored).hexdigest() != meta.sha256:
         raise IntegrityError(f"object {key} does not match its recorded SHA-256; refusing to use it",
-                             hint="run pgvault verify; restore from another copy of this segment")
+                             hint="recovery stops here rather than end early; put an intact copy of this segment "
+                             "in place (e.g. from the primary's pg_wal) and start again")
     try:
         raw = stored if is_history(name) else _decompress(stored)
     except Exception as exc:  # zstandard raises its own ZstdError

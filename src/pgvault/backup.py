@@ -42,6 +42,11 @@ def new_backup_id(now: datetime, taken: set[str]) -> str:
 def remove_debris(catalog: Catalog) -> list[str]:
     """Delete the remains of backups that never wrote a sentinel. Call only under the backup lock."""
     removed = []
+    # A writer killed mid-put leaves temp files, which list() skips: sweep them first, or a killed
+    # backup's directory never empties (and one killed before its first part is not even seen).
+    list_debris = getattr(catalog.storage, "list_debris", None)
+    if list_debris is not None:
+        catalog.storage.delete(list(list_debris(catalog.layout.backups_prefix)))
     for backup_id in catalog.incomplete_backups():
         keys = [obj.key for obj in catalog.storage.list(catalog.layout.backup_prefix(backup_id))]
         catalog.storage.delete(keys)
@@ -161,7 +166,8 @@ def _stream_backup(
 ) -> tuple[list[PartRecord], dict[str, bytes]]:
     import zstandard
 
-    proc = basebackup.start(policy.postgres.conninfo, label=f"pgvault {backup_id}",
+    binary = str(policy.postgres.bindir / "pg_basebackup") if policy.postgres.bindir else "pg_basebackup"
+    proc = basebackup.start(policy.postgres.conninfo, label=f"pgvault {backup_id}", binary=binary,
                             checkpoint=policy.backup.checkpoint)
     assert proc.stdout is not None
     splitter = TarSplitter(proc.stdout, policy.backup.part_size)

@@ -96,7 +96,8 @@ def read_json_object(storage: Storage, key: str) -> tuple[dict, int]:
         data = handle.read()
     if hashlib.sha256(data).hexdigest() != meta.sha256 or len(data) != meta.size:
         raise IntegrityError(f"object {key} does not match its recorded SHA-256; the repository is damaged",
-                             hint="run pgvault verify")
+                             hint="the object was damaged after it was written; restore it from a copy of the "
+                             "repository")
     try:
         return json.loads(data), len(data)
     except ValueError:
@@ -157,9 +158,14 @@ class Catalog:
             return None
         data, _ = read_json_object(self.storage, key)
         try:
-            return BackupRecord.model_validate(data)
+            record = BackupRecord.model_validate(data)
         except ValidationError:
-            raise IntegrityError(f"{key} is not a valid backup record", hint="run pgvault verify") from None
+            raise IntegrityError(f"{key} is not a valid backup record",
+                                 hint="restore it from a copy of the repository, or use another backup") from None
+        if record.format != FORMAT_VERSION:
+            raise RepositoryError(f"{key} is repository format {record.format}; this pgvault reads format "
+                                  f"{FORMAT_VERSION}", hint="use the pgvault version that wrote it")
+        return record
 
     def backups(self) -> list[BackupRecord]:
         """Valid backups (those with a sentinel), ordered by stop LSN then stop time, never by name."""

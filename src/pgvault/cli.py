@@ -142,7 +142,7 @@ def init(ctx: Context, as_json: bool) -> None:
         _emit_json({"created": created, "cluster": info.model_dump(mode="json"), "warnings": warnings})
         return
     state = "initialized" if created else "already initialized"
-    click.echo(f"cluster {info.cluster} {state}: system {info.system_id}, PostgreSQL {info.pg_version}, "
+    click.echo(f"cluster {info.cluster} {state}: system {info.system_id}, PostgreSQL {_pg_version(info.pg_version)}, "
                f"repository {policy.repository.url}")
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -213,6 +213,9 @@ def wal_fetch(ctx: Context, name: str, dest: Path) -> None:
     except PgvaultError as exc:
         _report(exc, ctx.debug)
         sys.exit(WAL_FETCH_ERROR_EXIT)
+    except Exception as exc:  # a full disk, a permission problem: never "end of archive"
+        _report(PgvaultError(f"cannot restore {name} to {dest}: {exc}"), ctx.debug)
+        sys.exit(WAL_FETCH_ERROR_EXIT)
 
 
 @cli.command()
@@ -233,6 +236,11 @@ def backup(ctx: Context, annotations: tuple[tuple[str, str], ...], as_json: bool
         _emit_json(record.model_dump(mode="json"))
     else:
         click.echo(record.id)
+
+
+def _pg_version(num: int) -> str:
+    """150018 -> 15.18, as PostgreSQL prints it."""
+    return f"{num // 10000}.{num % 10000}"
 
 
 def _waldump(policy: Policy, pg_version: int) -> str:
@@ -320,7 +328,7 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
     Example: pgvault --config /etc/pgvault/demo.yaml info 20261126T020000Z
     """
     from pgvault.catalog import Catalog
-    from pgvault.errors import UsageError
+    from pgvault.errors import RepositoryError
 
     policy = ctx.policy()
     storage = ctx.storage(policy)
@@ -329,14 +337,17 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
     if backup_id is not None:
         record = catalog.backup(backup_id)
         if record is None:
-            raise UsageError(f"no backup {backup_id!r} in this repository", hint="pgvault list shows backup ids")
+            raise RepositoryError(f"no backup {backup_id!r} in this repository",
+                                  hint="pgvault list shows backup ids")
         data = record.model_dump(mode="json")
         if as_json:
             _emit_json(data)
             return
-        for key in ("id", "timeline", "start_time", "stop_time", "start_lsn", "stop_lsn", "checkpoint_lsn",
-                    "start_wal", "stop_wal", "next_xid", "raw_size", "stored_size", "duration_s", "annotations",
-                    "pgvault_version"):
+        data["annotations"] = ", ".join(f"{k}={v}" for k, v in record.annotations.items()) or "-"
+        data["pg_version"] = _pg_version(record.pg_version)
+        for key in ("id", "timeline", "pg_version", "start_time", "stop_time", "start_lsn", "stop_lsn",
+                    "checkpoint_lsn", "start_wal", "stop_wal", "next_xid", "raw_size", "stored_size", "duration_s",
+                    "annotations", "pgvault_version"):
             click.echo(f"{key:<16} {data[key]}")
         click.echo(f"{'parts':<16} {len(record.parts)}")
         for part in record.parts:
@@ -351,7 +362,8 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
                     "backups": [_backup_row(b) for b in view.backups],
                     "windows": [w.as_dict() for w in windows]})
         return
-    click.echo(f"cluster      {cluster.cluster} (system {cluster.system_id}, PostgreSQL {cluster.pg_version})")
+    click.echo(f"cluster      {cluster.cluster} (system {cluster.system_id}, "
+               f"PostgreSQL {_pg_version(cluster.pg_version)})")
     click.echo(f"repository   {policy.repository.url}")
     click.echo(f"backups      {len(view.backups)}"
                + (f" (newest {view.backups[-1].id})" if view.backups else ""))
@@ -359,8 +371,8 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--pgdata", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Data directory to restore into (empty unless --delta/--force).")
+@click.option("--pgdata", type=click.Path(path_type=Path, file_okay=False),
+              help="Data directory to restore into (empty unless --delta/--force). Default: postgres.pgdata.")
 @click.option("--backup", "backup_id", metavar="ID", help="Restore this backup (default: newest before the target).")
 @click.option("--target-time", type=TargetTime(), help="Recover up to this moment (with a time zone).")
 @click.option("--target-lsn", type=TargetLsn(), help="Recover up to this WAL location, e.g. 0/3000028.")
@@ -402,6 +414,10 @@ def restore(ctx: Context, pgdata: Path, backup_id: str | None, target_time: date
                          immediate=target_immediate == "immediate", inclusive=not target_exclusive,
                          action=target_action, timeline=target_timeline)
     policy = ctx.policy()
+    pgdata = pgdata or policy.postgres.pgdata
+    if pgdata is None:
+        raise UsageError("--pgdata is required (the policy sets no postgres.pgdata)",
+                         hint="pass --pgdata DIR, the directory to restore into")
     storage = ctx.storage(policy)
     from pgvault.catalog import Catalog
 
@@ -435,11 +451,17 @@ def demo(ctx: Context, keep: bool) -> None:
     from pgvault.demo import reexec_as_db_user, run_demo
 
     if os.geteuid() == 0:
-        sys.exit(reexec_as_db_user(keep))
+        sys.exit(reexec_as_db_user(keep=keep, quiet=ctx.quiet, debug=ctx.debug))
     report = run_demo(progress=ctx.progress, keep=keep)
     click.echo(report.render())
     if not report.ok:
         sys.exit(1)
+
+
+def _redact(text: str) -> str:
+    from pgvault.redaction import redact
+
+    return redact(text)
 
 
 def _report(exc: PgvaultError, debug: bool) -> None:
@@ -447,7 +469,7 @@ def _report(exc: PgvaultError, debug: bool) -> None:
 
     click.echo(f"error: {redact(exc.message)}", err=True)
     if exc.hint:
-        click.echo(f"hint: {exc.hint}", err=True)
+        click.echo(f"hint: {redact(exc.hint)}", err=True)
     if debug:
         import traceback
 
@@ -468,11 +490,11 @@ def main() -> NoReturn:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "pgvault"
-        click.echo(f"error: {exc.format_message()}", err=True)
+        click.echo(f"error: {_redact(exc.format_message())}", err=True)
         click.echo(f"hint: see '{command} --help'", err=True)
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
+        click.echo(f"error: {_redact(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -480,6 +502,7 @@ def main() -> NoReturn:
     except Exception as exc:  # a bug: say so plainly, details under --debug
         if debug:
             raise
-        click.echo(f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for details)", err=True)
+        click.echo(f"error: unexpected {type(exc).__name__}: {_redact(str(exc))} (rerun with --debug for details)",
+                   err=True)
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)

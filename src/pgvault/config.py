@@ -70,6 +70,10 @@ class RepositoryConfig(_Section):
     def _known_scheme(cls, url: str) -> str:
         parsed = urlparse(url)
         if parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost"):
+                # file://var/lib/pgvault would otherwise quietly mean the directory /lib/pgvault.
+                raise ValueError(f"{url!r} names a host ({parsed.netloc}); a file repository needs three "
+                                 "slashes, e.g. file:///var/lib/pgvault")
             if not parsed.path.startswith("/"):
                 raise ValueError("a file repository needs an absolute path, e.g. file:///var/lib/pgvault")
             return url
@@ -85,7 +89,7 @@ class RepositoryConfig(_Section):
 class CompressionConfig(_Section):
     type: Literal["zstd"] = "zstd"
     level: int = Field(default=3, ge=1, le=19)
-    # 0 lets zstd pick one worker per core; 1 keeps compression in the calling thread.
+    # zstd worker threads for backup parts; 0 means one per core.
     threads: int = Field(default=0, ge=0, le=64)
 
 

@@ -86,9 +86,10 @@ def _pgvault_command() -> list[str]:
     return self_command()
 
 
-def reexec_as_db_user(keep: bool) -> int:
+def reexec_as_db_user(*, keep: bool, quiet: bool, debug: bool) -> int:
     """As root, the demo runs wholly as the postgres user: the server and its archive_command do."""
-    cmd = ["runuser", "-u", "postgres", "--", *_pgvault_command(), "demo"]
+    flags = [flag for flag, on in (("--quiet", quiet), ("--debug", debug)) if on]
+    cmd = ["runuser", "-u", "postgres", "--", *_pgvault_command(), *flags, "demo"]
     if keep:
         cmd.append("--keep")
     return subprocess.run(cmd, cwd="/tmp", check=False).returncode

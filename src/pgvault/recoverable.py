@@ -108,6 +108,13 @@ class Recoverable:
                 return hits[-1]
         return None
 
+    def last_record_lsn(self, run: Sequence[WalSegment]) -> Lsn | None:
+        """Where the newest archived WAL record starts: the last LSN a target can name."""
+        if not run:
+            return None
+        events = self._reader.events(run[-1:], every_record=True)
+        return events[-1].lsn if events else None
+
     def window(self, timeline: int) -> RecoverableWindow:
         reach = self.reach(timeline)
         if not reach:
@@ -117,11 +124,10 @@ class Recoverable:
         stop_seg = WalSegment.parse(longest.backup.stop_wal, self.segment_size)
         tail = [s for s in longest.wal if s.number >= stop_seg.number]
         last_xact = self.find_last(tail, lambda e: e.kind in _XACT_KINDS)
-        last_any = self.find_last(tail[-1:], lambda e: True) or last_xact
         latest_time = None
         if last_xact is not None and last_xact.time is not None and last_xact.lsn >= longest.backup.stop:
             latest_time = last_xact.time
-        latest_lsn = last_any.lsn if last_any is not None else longest.backup.stop
+        latest_lsn = self.last_record_lsn(tail) or longest.backup.stop
         return RecoverableWindow(
             timeline=timeline, earliest_time=first.stop_time, earliest_lsn=first.stop,
             latest_time=latest_time, latest_lsn=max(latest_lsn, longest.backup.stop),

@@ -135,7 +135,7 @@ class RestorePlan:
 def plan_restore(view: Recoverable, request: RestoreRequest) -> RestorePlan:
     target = request.target
     if request.backup_id is not None and not any(b.id == request.backup_id for b in view.backups):
-        raise TargetUnreachable(f"no backup {request.backup_id} in this repository",
+        raise TargetUnreachable(f"--backup {request.backup_id}: no such backup in this repository",
                                 hint="pgvault list shows backup ids")
     pinned = next((b for b in view.backups if b.id == request.backup_id), None)
     timeline = view.resolve_timeline(target.timeline, pinned)
@@ -212,8 +212,7 @@ def _check_reachable(view: Recoverable, chosen: BackupReach, target: RecoveryTar
             )
     elif target.kind == "lsn":
         assert target.lsn is not None
-        last = view.find_last(tail[-1:], lambda e: True)
-        latest = last.lsn if last is not None else backup.stop
+        latest = max(view.last_record_lsn(tail) or backup.stop, backup.stop)
         if target.lsn > latest:
             raise TargetUnreachable(f"{target.describe()} is after the last archived WAL record ({latest})",
                                     hint="choose an earlier LSN; pgvault info shows the recoverable window")
@@ -246,7 +245,8 @@ class _HashingReader:
     def check(self) -> None:
         if self._size != self._record.size or self._digest.hexdigest() != self._record.sha256:
             raise IntegrityError(f"object {self._record.key} does not match the SHA-256 recorded in its backup",
-                                 hint="the repository is damaged: run pgvault verify, restore another backup")
+                                 hint="the repository is damaged; nothing was written: restore another backup "
+                                 "(--backup ID, see pgvault list)")
 
 
 def verify_object(storage: Storage, record: StoredObject) -> None:

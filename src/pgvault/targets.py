@@ -21,6 +21,9 @@ def parse_target_time(text: str) -> datetime:
     value = text.strip()
     if not value:
         raise ValueError("is empty; give a time such as '2026-11-20 14:30:00+00'")
+    if re.fullmatch(r"\d{4}-?\d{2}-?\d{2}\s*([+-][\d:]*|Z)?", value, re.IGNORECASE):
+        # Python reads '2026-11-20+05' as 05:00 without a zone; say what is missing instead.
+        raise ValueError(f"{text!r} has no time of day; write e.g. '{value[:10]} 00:00:00+00'")
     normalized = value.replace("t", "T").replace("z", "Z")
     if normalized.endswith("Z"):
         normalized = normalized[:-1] + "+00:00"
@@ -61,6 +64,10 @@ class RecoveryTarget:
     timeline: TimelineChoice = "latest"
 
     def describe(self) -> str:
+        text = self._describe_point()
+        return f"{text} (exclusive)" if not self.inclusive else text
+
+    def _describe_point(self) -> str:
         match self.kind:
             case "time":
                 return f"time {self.time.isoformat(sep=' ')}" if self.time else "time"

@@ -202,6 +202,11 @@ def extract(
                 raise UnsafeArchive(f"backup member {member.name!r} would be written through a link "
                                     "outside the data directory")
             if member.isdir():
+                # An earlier link member may stand where this directory goes; chmod would follow it.
+                real = Path(os.path.realpath(target))
+                if real != root_real and root_real not in real.parents:
+                    raise UnsafeArchive(f"backup member {member.name!r} would be written through a link "
+                                        "outside the data directory")
                 target.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.chmod(target, stat.S_IMODE(member.mode) or 0o700)
             elif member.isreg():

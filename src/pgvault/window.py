@@ -127,5 +127,6 @@ def by_id(reach: Sequence[BackupReach], backups: Sequence[BackupRecord], backup_
             return r
     if any(b.id == backup_id for b in backups):
         raise TargetUnreachable(f"backup {backup_id} cannot reach this target timeline, or the WAL it needs "
-                                "to become consistent is missing", hint="run pgvault info and pgvault verify")
+                                "to become consistent is missing",
+                                hint="pgvault info shows which backups can reach which timelines")
     raise TargetUnreachable(f"no backup {backup_id} in this repository", hint="pgvault list shows backup ids")

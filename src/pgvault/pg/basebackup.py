@@ -23,13 +23,13 @@ def split_password(conninfo: str) -> tuple[str, str | None]:
     return make_conninfo(**{k: str(v) for k, v in params.items()}), (str(password) if password else None)
 
 
-def start(conninfo: str, *, label: str, checkpoint: str) -> subprocess.Popen[bytes]:
+def start(conninfo: str, *, label: str, checkpoint: str, binary: str = "pg_basebackup") -> subprocess.Popen[bytes]:
     safe_conninfo, password = split_password(conninfo)
     env = dict(os.environ)
     if password:
         env["PGPASSWORD"] = password
     cmd = [
-        "pg_basebackup", "--pgdata=-", "--format=tar", "--wal-method=none",
+        binary, "--pgdata=-", "--format=tar", "--wal-method=none",
         f"--checkpoint={checkpoint}", "--manifest-checksums=SHA256", f"--label={label}",
         "--no-password", f"--dbname={safe_conninfo}",
     ]

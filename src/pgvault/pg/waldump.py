@@ -39,7 +39,8 @@ class WalEvent:
     name: str | None = None
 
 
-def parse_events(output: str) -> list[WalEvent]:
+def parse_events(output: str, *, every_record: bool = False) -> list[WalEvent]:
+    """Events that can end recovery; with every_record, also every other record (kind = its rmgr)."""
     events = []
     for line in output.splitlines():
         match = _LINE.match(line)
@@ -60,13 +61,20 @@ def parse_events(output: str) -> list[WalEvent]:
                 events.append(WalEvent(lsn, end, "RESTORE_POINT", xid, name=point["name"]))
             elif desc.startswith("SWITCH"):
                 events.append(WalEvent(lsn, end, "SWITCH", xid))
+            elif every_record:
+                events.append(WalEvent(lsn, end, "XLOG", xid))
+        elif every_record:
+            events.append(WalEvent(lsn, end, match["rmgr"], xid))
     return events
 
 
-def dump_files(waldump: str, directory: Path, first: WalSegment, last: WalSegment) -> list[WalEvent]:
+def dump_files(
+    waldump: str, directory: Path, first: WalSegment, last: WalSegment, *, every_record: bool = False
+) -> list[WalEvent]:
     """Run pg_waldump over first..last (files already in directory) and return the events."""
     env = dict(os.environ, TZ="UTC", LC_ALL="C")
-    cmd = [waldump, "--path", str(directory), "--rmgr=Transaction", "--rmgr=XLOG", first.name, last.name]
+    rmgrs = [] if every_record else ["--rmgr=Transaction", "--rmgr=XLOG"]
+    cmd = [waldump, "--path", str(directory), *rmgrs, first.name, last.name]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     except FileNotFoundError:
@@ -74,7 +82,7 @@ def dump_files(waldump: str, directory: Path, first: WalSegment, last: WalSegmen
                             hint="install the PostgreSQL server package or set postgres.bindir") from None
     # pg_waldump exits non-zero at the first unreadable record, which is normal at the end of the
     # newest segment; the records before it are still right.
-    return parse_events(proc.stdout)
+    return parse_events(proc.stdout, every_record=every_record)
 
 
 class WalReader:
@@ -85,10 +93,10 @@ class WalReader:
         self._fetch = fetch
         self._waldump = waldump
 
-    def events(self, segments: Sequence[WalSegment]) -> list[WalEvent]:
+    def events(self, segments: Sequence[WalSegment], *, every_record: bool = False) -> list[WalEvent]:
         if not segments:
             return []
         with tempfile.TemporaryDirectory(prefix="pgvault-waldump-") as tmp:
             for seg in segments:
                 self._fetch(seg.name, Path(tmp) / seg.name)  # type: ignore[operator]
-            return dump_files(self._waldump, Path(tmp), segments[0], segments[-1])
+            return dump_files(self._waldump, Path(tmp), segments[0], segments[-1], every_record=every_record)

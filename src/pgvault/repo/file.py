@@ -118,7 +118,7 @@ class FileStorage:
                     size += len(chunk)
             return ObjectMeta(size=size, sha256=digest.hexdigest(), extra={})
         except (ValueError, KeyError, TypeError):
-            raise RepositoryError(f"metadata of {path} is unreadable; run pgvault verify") from None
+            raise RepositoryError(f"metadata of {path} is unreadable; the repository is damaged") from None
 
     def open(self, key: str) -> tuple[BinaryIO, ObjectMeta]:
         path = self._path(key)
@@ -144,6 +144,9 @@ class FileStorage:
         start = self.root / base if base else self.root
         if not start.is_dir():
             return
+        # os.walk yields a directory's files before its subdirectories' ('c/wal/x.history' before
+        # 'c/wal/0000000100000000/...'); the protocol promises key order, as S3 lists, so sort.
+        found: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, self.root)
@@ -157,7 +160,8 @@ class FileStorage:
                     size = os.stat(os.path.join(dirpath, name)).st_size
                 except FileNotFoundError:
                     continue
-                yield ObjectInfo(key=key, size=size)
+                found.append(ObjectInfo(key=key, size=size))
+        yield from sorted(found, key=lambda obj: obj.key)
 
     def list_debris(self, prefix: str) -> Iterator[str]:
         """Temp files left by killed writers (paths relative to the root)."""
