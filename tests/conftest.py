@@ -175,6 +175,23 @@ class Cluster:
                 instance.wait_promoted()
         return instance
 
+    def restore_json(self, *flags: str, archive_mode: str = "off", pgdata: Path | None = None,
+                     start: bool = True, wait_promoted: bool = True) -> tuple[dict[str, Any], LocalInstance]:
+        """Like restore_into, but with `restore --json`: also returns what pgvault says it restored."""
+        import json
+
+        pgdata = pgdata or self.next_restore_dir()
+        result = self.pgvault("-q", "restore", "--json", "--pgdata", str(pgdata), "--archive-mode", archive_mode,
+                              *flags)
+        assert result.returncode == 0, f"restore failed ({result.returncode}):\n{result.out}"
+        instance = LocalInstance.existing(pgdata)
+        self.restored.append(instance)
+        if start:
+            instance.start()
+            if wait_promoted:
+                instance.wait_promoted()
+        return json.loads(result.stdout), instance
+
 
 def rows_of(instance: LocalInstance, table: str = "t") -> list[tuple[int, int]]:
     return sorted((int(b), int(n)) for b, n in instance.query(f"SELECT batch, n FROM {table}"))

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
-from conftest import Cluster, rows_of
+import contextlib
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from conftest import Cluster, Marks, make_workdir, new_cluster, rows_of, write_policy
+
+from pgvault.pg.autoconf import set_auto_conf
+from pgvault.pg.instance import LocalInstance, chown_to_db_user
+from pgvault.pg.wal import Lsn
+
+pytestmark = [pytest.mark.integration]
+
+Rows = list[tuple[int, int]]
 
 
 def test_pitr_by_time_restores_exactly_the_committed_rows(cluster: Cluster) -> None:
@@ -11,3 +30,348 @@ def test_pitr_by_time_restores_exactly_the_committed_rows(cluster: Cluster) -> N
     cluster.flush_archive()
     restored = cluster.restore_into("--target-time", marks[3].between_next.isoformat())
     assert rows_of(restored) == marks.rows_through(3)
+
+
+# ---- one shared history, many targets ---------------------------------------------------------------
+#
+#   batches 1-2 | backup A | batches 3-4 | restore point 'rp_mid' | batches 5-6 | backup B | batches 7-9 | flush
+#
+# marks[i] are the batches after backup A: marks[0] is batch 3, ..., marks[6] is batch 9.
+# Restored copies never archive (--archive-mode off), so the repository stays as the history left it.
+
+RESTORE_POINT = "rp_mid"
+RP_AFTER = 1  # the restore point lies between marks[1] and marks[2]
+LAST_BEFORE_B = 3  # marks[3] is the last batch committed before backup B
+
+
+@dataclass
+class History:
+    cluster: Cluster
+    before_a: Marks  # committed before backup A
+    marks: Marks  # committed after backup A
+    a: dict[str, Any]  # backup A's record (backup --json)
+    b: dict[str, Any]
+
+    def rows_through(self, index: int) -> Rows:
+        """Rows committed up to and including marks[index] (-1: only those before backup A)."""
+        base = self.before_a.rows_through(len(self.before_a) - 1)
+        return sorted(base) if index < 0 else self.marks.rows_through(index, base)
+
+    def at(self, index: int) -> str:
+        """A target time between marks[index]'s commit and the next batch's."""
+        return self.marks[index].between_next.isoformat()
+
+
+def _backup_record(cluster: Cluster) -> dict[str, Any]:
+    return json.loads(cluster.ok("-q", "backup", "--json").stdout)
+
+
+@pytest.fixture(scope="module")
+def shared_history() -> Iterator[History]:
+    workdir = make_workdir()
+    # No autovacuum: its commits would move the end of the recoverable window past our last batch.
+    cluster = new_cluster(workdir, settings={"autovacuum": "off"})
+    try:
+        cluster.create_table()
+        before_a = cluster.commit_batches(2, pause=0.3)
+        a = _backup_record(cluster)
+        first = cluster.commit_batches(2, pause=0.3)
+        cluster.sql(f"SELECT pg_create_restore_point('{RESTORE_POINT}')")
+        second = cluster.commit_batches(2, pause=0.3)
+        b = _backup_record(cluster)
+        third = cluster.commit_batches(3, pause=0.3)
+        cluster.flush_archive()
+        yield History(cluster, before_a, Marks(first.items + second.items + third.items), a, b)
+    finally:
+        for instance in [*cluster.restored, cluster.pg]:
+            with contextlib.suppress(Exception):
+                instance.stop(mode="immediate")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def history(shared_history: History) -> Iterator[History]:
+    """The shared history; the copies a test restores are destroyed after it."""
+    restored_before = len(shared_history.cluster.restored)
+    yield shared_history
+    for instance in shared_history.cluster.restored[restored_before:]:
+        with contextlib.suppress(Exception):
+            instance.destroy()
+
+
+@pytest.mark.parametrize(("index", "backup"), [(2, "a"), (5, "b")], ids=["between-backups", "after-second"])
+def test_time_target_uses_the_newest_backup_before_it(history: History, index: int, backup: str) -> None:
+    result, restored = history.cluster.restore_json("--target-time", history.at(index))
+    expected_backup = history.a if backup == "a" else history.b
+    assert result["backup_id"] == expected_backup["id"]
+    assert rows_of(restored) == history.rows_through(index)
+
+
+def test_lsn_target_stops_right_after_that_position(history: History) -> None:
+    result, restored = history.cluster.restore_json("--target-lsn", history.marks[2].lsn_after)
+    assert result["backup_id"] == history.a["id"]
+    assert rows_of(restored) == history.rows_through(2)
+
+
+@pytest.mark.parametrize(("index", "backup"), [(2, "a"), (5, "b")], ids=["between-backups", "after-second"])
+def test_xid_target_includes_that_transaction(history: History, index: int, backup: str) -> None:
+    result, restored = history.cluster.restore_json("--target-xid", str(history.marks[index].xid))
+    assert result["backup_id"] == (history.a if backup == "a" else history.b)["id"]
+    assert rows_of(restored) == history.rows_through(index)
+
+
+def test_exclusive_xid_target_excludes_that_transaction(history: History) -> None:
+    result, restored = history.cluster.restore_json("--target-xid", str(history.marks[5].xid),
+                                                    "--target-exclusive")
+    assert result["backup_id"] == history.b["id"]
+    assert rows_of(restored) == history.rows_through(4)
+
+
+def test_restore_point_target(history: History) -> None:
+    result, restored = history.cluster.restore_json("--target-name", RESTORE_POINT)
+    assert result["backup_id"] == history.a["id"]
+    assert rows_of(restored) == history.rows_through(RP_AFTER)
+
+
+def test_immediate_target_holds_only_what_the_newest_backup_holds(history: History) -> None:
+    result, restored = history.cluster.restore_json("--target", "immediate")
+    assert result["backup_id"] == history.b["id"]
+    assert rows_of(restored) == history.rows_through(LAST_BEFORE_B)
+
+
+def test_immediate_target_of_a_chosen_backup_ignores_later_wal(history: History) -> None:
+    result, restored = history.cluster.restore_json("--backup", history.a["id"], "--target", "immediate")
+    assert result["backup_id"] == history.a["id"]
+    assert rows_of(restored) == history.rows_through(-1)
+
+
+def test_no_target_recovers_everything_archived(history: History) -> None:
+    result, restored = history.cluster.restore_json()
+    assert result["backup_id"] == history.b["id"]
+    assert rows_of(restored) == history.rows_through(len(history.marks) - 1)
+
+
+def _wait_paused(instance: LocalInstance, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    state: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            state = instance.query("SELECT pg_is_in_recovery(), pg_get_wal_replay_pause_state()")[0]
+            if state == (True, "paused"):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"recovery did not pause within {timeout}s (last state {state}):\n{instance.log_tail()}")
+
+
+def test_target_action_pause_stays_in_recovery_with_exactly_the_target_rows(history: History) -> None:
+    index = 4
+    _result, restored = history.cluster.restore_json("--target-time", history.at(index), "--target-action", "pause",
+                                                     wait_promoted=False)
+    _wait_paused(restored)
+    assert restored.query("SELECT pg_is_in_recovery(), pg_get_wal_replay_pause_state()") == [(True, "paused")]
+    assert rows_of(restored) == history.rows_through(index)
+    log = restored.log_path.read_text()
+    assert f"recovery stopping before commit of transaction {history.marks[index + 1].xid}," in log
+
+
+def test_target_action_shutdown_stops_the_server_at_the_target(history: History) -> None:
+    index = 5
+    _result, restored = history.cluster.restore_json("--target-time", history.at(index), "--target-action",
+                                                     "shutdown", start=False)
+    restored.start(wait=False)
+    restored.wait_stopped(timeout=60)
+    assert not restored.is_running()
+    log = restored.log_path.read_text()
+    assert f"recovery stopping before commit of transaction {history.marks[index + 1].xid}," in log
+    assert "shutdown at recovery target" in log
+    # The stopped data directory is usable: recover to the same target again, this time promoting.
+    set_auto_conf(restored.pgdata, {"recovery_target_action": "promote"})
+    restored.start()
+    restored.wait_promoted()
+    assert rows_of(restored) == history.rows_through(index)
+
+
+@pytest.mark.parametrize("mode", ["--delta", "--force"])
+def test_restore_over_a_previous_restore(history: History, mode: str) -> None:
+    cluster = history.cluster
+    first = cluster.restore_into("--target-time", history.at(5))
+    assert rows_of(first) == history.rows_through(5)
+    # The old copy diverges (new timeline, rows of its own) before it is stopped and restored over.
+    first.query("INSERT INTO t SELECT 999, g FROM generate_series(1, 5) g")
+    first.psql("CHECKPOINT")
+    first.stop()
+
+    refused = cluster.restore("--target-time", history.at(2), pgdata=first.pgdata)
+    assert refused.returncode == 1, refused.out
+    assert "is not empty" in refused.stderr
+
+    result, again = cluster.restore_json("--target-time", history.at(2), mode, pgdata=first.pgdata)
+    assert result["backup_id"] == history.a["id"]
+    if mode == "--delta":
+        assert result["files_unchanged"] > 0
+    else:
+        assert result["files_unchanged"] == 0
+    assert rows_of(again) == history.rows_through(2)
+
+
+def _stamp(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def test_info_and_list_report_the_recoverable_window(history: History) -> None:
+    info = json.loads(history.cluster.ok("-q", "info", "--json").stdout)
+    listed = json.loads(history.cluster.ok("-q", "list", "--json").stdout)
+
+    ids = [history.a["id"], history.b["id"]]
+    for report in (info, listed):
+        assert [b["id"] for b in report["backups"]] == ids
+        stops = [Lsn.parse(b["stop_lsn"]) for b in report["backups"]]
+        assert stops == sorted(stops) and stops[0] < stops[1]
+        assert [w["timeline"] for w in report["windows"]] == [1]
+
+    window = info["windows"][0]
+    assert window["backups"] == ids
+    assert _stamp(window["earliest_time"]) == _stamp(history.a["stop_time"])
+    assert window["earliest_lsn"] == history.a["stop_lsn"]
+    latest = _stamp(window["latest_time"])
+    last, previous = history.marks[-1], history.marks[-2]
+    # The server stamps the commit just before the client sees COMMIT return.
+    assert previous.committed_at < latest <= last.committed_at
+    assert last.committed_at - latest < timedelta(seconds=1)
+    assert listed["windows"] == info["windows"]
+
+
+# ---- writes running during the backup -----------------------------------------------------------------
+
+@dataclass
+class Commit:
+    batch: int
+    started_at: datetime  # client clock, before the transaction began
+    committed_at: datetime  # client clock, after COMMIT returned
+    lsn_after: Lsn
+
+
+class Writer(threading.Thread):
+    """Commits small batches into t, one after another, until stopped; records every commit."""
+
+    def __init__(self, instance: LocalInstance, pause: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.instance = instance
+        self.pause = pause
+        self.commits: list[Commit] = []
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with self.instance.connect() as conn:
+                batch = 0
+                while not self._stop_event.is_set():
+                    batch += 1
+                    started_at = datetime.now(UTC)
+                    with conn.transaction():
+                        conn.execute("INSERT INTO t SELECT %s, g FROM generate_series(1, 3) g", (batch,))
+                    committed_at = datetime.now(UTC)
+                    lsn = Lsn.parse(str(conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]))
+                    self.commits.append(Commit(batch, started_at, committed_at, lsn))
+                    self._stop_event.wait(self.pause)
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> list[Commit]:
+        self._stop_event.set()
+        self.join(timeout=30)
+        assert not self.is_alive()
+        assert self.error is None, f"writer failed: {self.error!r}"
+        return self.commits
+
+
+def test_writes_during_the_backup_are_recovered_exactly(cluster: Cluster) -> None:
+    # ~100 MB of filler so pg_basebackup runs for a couple of seconds while the writer commits.
+    cluster.sql("CREATE TABLE filler AS SELECT g, md5(g::text) || md5((g * 7)::text) AS pad "
+                "FROM generate_series(1, 800000) g")
+    writer = Writer(cluster.pg)
+    writer.start()
+    try:
+        time.sleep(0.3)
+        record = _backup_record(cluster)
+        time.sleep(0.8)
+    finally:
+        commits = writer.finish()
+    cluster.flush_archive()
+
+    start_lsn, stop_lsn = Lsn.parse(record["start_lsn"]), Lsn.parse(record["stop_lsn"])
+    during = [c for c in commits if start_lsn < c.lsn_after <= stop_lsn]
+    assert len(during) >= 10, f"only {len(during)} commits overlapped the backup ({record['duration_s']} s)"
+
+    stop_time = _stamp(record["stop_time"])
+    index = next(i for i, c in enumerate(commits) if c.committed_at > stop_time)
+    assert index + 3 < len(commits), "too few commits after the backup"
+    gap_start, gap_end = commits[index].committed_at, commits[index + 1].started_at
+    assert gap_end > gap_start
+    target = gap_start + (gap_end - gap_start) / 2
+
+    result, restored = cluster.restore_json("--target-time", target.isoformat())
+    assert result["backup_id"] == record["id"]
+    expected = sorted((c.batch, n) for c in commits[: index + 1] for n in range(1, 4))
+    assert rows_of(restored) == expected
+    assert restored.query("SELECT count(*) FROM filler") == [(800000,)]
+
+
+# ---- tablespaces ------------------------------------------------------------------------------------
+
+def test_backup_refuses_a_cluster_with_a_tablespace(cluster: Cluster) -> None:
+    location = cluster.workdir / "tablespace"
+    location.mkdir()
+    chown_to_db_user(location)
+    cluster.sql(f"CREATE TABLESPACE ts_extra LOCATION '{location}'")
+
+    result = cluster.pgvault("-q", "backup")
+    assert result.returncode == 1, result.out
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "tablespace" in errors[0] and "ts_extra" in errors[0]
+    assert "Traceback" not in result.out
+
+    listed = json.loads(cluster.ok("-q", "list", "--json").stdout)
+    assert listed["backups"] == []
+    assert not list((cluster.repo / "test" / "backups").glob("*/*"))
+
+
+# ---- timelines ---------------------------------------------------------------------------------------
+
+def test_restore_follows_a_new_timeline_archived_by_a_promoted_copy(cluster: Cluster) -> None:
+    cluster.backup()
+    marks = cluster.commit_batches(3, pause=0.3)
+    cluster.flush_archive()
+
+    # A copy recovered to batch 2 that keeps archiving into the same repository: it promotes onto
+    # timeline 2, and the original goes on writing on timeline 1.
+    copy = cluster.restore_into("--target-time", marks[1].between_next.isoformat(), archive_mode="preserve")
+    assert copy.psql("SELECT pg_walfile_name(pg_current_wal_lsn())").startswith("00000002")
+    copy_config = cluster.workdir / "copy.yaml"
+    write_policy(copy_config, "test", copy.conninfo(), cluster.repo)
+    on_copy = Cluster(workdir=cluster.workdir, pg=copy, config=copy_config, repo=cluster.repo)
+    on_copy._batch = 100
+    copy_marks = on_copy.commit_batches(2, pause=0.2)
+    on_copy.flush_archive()
+    copy_rows = marks.rows_through(1) + [r for m in copy_marks.items for r in m.rows]
+    assert rows_of(copy) == sorted(copy_rows)
+
+    original_more = cluster.commit_batches(1, pause=0.2)
+    cluster.flush_archive()
+    assert (cluster.repo / "test" / "wal" / "00000002.history").is_file(), "timeline 2's history was not archived"
+
+    result, restored = cluster.restore_json("--target-timeline", "2")
+    assert result["timeline"] == 2
+    assert rows_of(restored) == sorted(copy_rows)
+
+    result, restored = cluster.restore_json("--target-timeline", "1")
+    assert result["timeline"] == 1
+    assert rows_of(restored) == marks.rows_through(2, original_more.rows_through(0))
+
+    missing = cluster.next_restore_dir()
+    refused = cluster.restore("--target-timeline", "7", pgdata=missing)
+    assert refused.returncode == 1, refused.out
+    assert "timeline 7" in refused.stderr
+    assert not missing.exists() or not any(missing.iterdir())
