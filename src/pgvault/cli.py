@@ -87,6 +87,17 @@ class TargetLsn(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class TargetXid(click.ParamType):
+    name = "XID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        text = str(value).strip()
+        if not text.isdigit() or int(text) < 3:
+            self.fail(f"{value!r} is not a transaction id; give a number of 3 or more, as txid_current() "
+                      "returns it", param, ctx)
+        return int(text)
+
+
 class Timeline(click.ParamType):
     name = "current|latest|N"
 
@@ -376,7 +387,7 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
 @click.option("--backup", "backup_id", metavar="ID", help="Restore this backup (default: newest before the target).")
 @click.option("--target-time", type=TargetTime(), help="Recover up to this moment (with a time zone).")
 @click.option("--target-lsn", type=TargetLsn(), help="Recover up to this WAL location, e.g. 0/3000028.")
-@click.option("--target-xid", type=click.IntRange(min=3), help="Recover up to this transaction's commit.")
+@click.option("--target-xid", type=TargetXid(), help="Recover up to this transaction's commit.")
 @click.option("--target-name", help="Recover up to this restore point (pg_create_restore_point).")
 @click.option("--target", "target_immediate", type=click.Choice(["immediate"]),
               help="immediate: stop as soon as the backup is consistent.")

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from pgvault.errors import ConfigError
 
@@ -21,7 +21,7 @@ _SIZE_UNITS = {
     "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
     "gb": 1000**3, "gib": 1024**3, "tb": 1000**4, "tib": 1024**4,
 }
-_DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -44,7 +44,7 @@ def parse_duration(value: Any) -> timedelta:
     match = _DURATION_RE.match(str(value))
     if not match:
         raise ValueError(f"{value!r} is not a duration; write e.g. 90s, 15m, 12h, 7d or 2w")
-    return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2)])
+    return timedelta(seconds=int(match.group(1)) * _DURATION_UNITS[match.group(2).lower()])
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -88,9 +88,9 @@ class RepositoryConfig(_Section):
 
 class CompressionConfig(_Section):
     type: Literal["zstd"] = "zstd"
-    level: int = Field(default=3, ge=1, le=19)
+    level: StrictInt = Field(default=3, ge=1, le=19)
     # zstd worker threads for backup parts; 0 means one per core.
-    threads: int = Field(default=0, ge=0, le=64)
+    threads: StrictInt = Field(default=0, ge=0, le=64)
 
 
 class BackupConfig(_Section):
@@ -103,18 +103,18 @@ class BackupConfig(_Section):
 
 class ArchiveConfig(_Section):
     check_timeout: Duration = timedelta(seconds=60)
-    compression_level: int = Field(default=1, ge=1, le=19)
+    compression_level: StrictInt = Field(default=1, ge=1, le=19)
 
 
 class RestoreConfig(_Section):
-    parallel: int = Field(default=2, ge=1, le=64)
+    parallel: StrictInt = Field(default=2, ge=1, le=64)
 
 
 class RetentionConfig(_Section):
-    daily: int = Field(default=7, ge=0)
-    weekly: int = Field(default=4, ge=0)
-    monthly: int = Field(default=6, ge=0)
-    min_backups: int = Field(default=1, ge=1)
+    daily: StrictInt = Field(default=7, ge=0)
+    weekly: StrictInt = Field(default=4, ge=0)
+    monthly: StrictInt = Field(default=6, ge=0)
+    min_backups: StrictInt = Field(default=1, ge=1)
     pitr_window: Duration = timedelta(days=7)
     timezone: str = "UTC"
 
@@ -145,11 +145,6 @@ class Policy(_Section):
     retention: RetentionConfig = RetentionConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
-
-_FIXES = {
-    "missing": "add it",
-    "extra_forbidden": "remove it or check its spelling",
-}
 
 
 # pydantic's own wording ("Input should be a valid dictionary or instance of PostgresConfig") names
