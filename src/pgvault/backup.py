@@ -8,6 +8,8 @@ point leaves only debris without a sentinel, which is invisible and removed by t
 from __future__ import annotations
 
 import io
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,7 +17,7 @@ from datetime import UTC, datetime
 from pgvault import __version__
 from pgvault.catalog import BackupRecord, Catalog, PartRecord, StoredObject
 from pgvault.config import Policy
-from pgvault.errors import ObjectExists, PostgresError, RepositoryError
+from pgvault.errors import ObjectExists, PgvaultError, PostgresError, RepositoryError
 from pgvault.pg import basebackup
 from pgvault.pg.conn import connect, server_facts
 from pgvault.pg.wal import Lsn, WalSegment, segments_between
@@ -161,14 +163,57 @@ def _compress(data: bytes, level: int) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
 
 
+class ArchiveWatchdog(threading.Thread):
+    """Ends a backup whose server waits for WAL archiving longer than the policy allows.
+
+    With --wal-method=none the server, at backup end, waits without limit until the WAL the backup
+    needs is archived; with archiving broken that is forever, holding the backup lock and a cron slot.
+    """
+
+    def __init__(self, conninfo: str, application_name: str, timeout: float, proc: subprocess.Popen[bytes]):
+        super().__init__(name="pgvault-archive-watchdog", daemon=True)
+        self._conninfo = conninfo
+        self._app = application_name
+        self._timeout = timeout
+        self._proc = proc
+        self._done = threading.Event()
+        self.fired = False
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def run(self) -> None:
+        waiting_since: float | None = None
+        try:
+            with connect(self._conninfo) as conn:
+                while not self._done.wait(1.0):
+                    row = conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                        " AND wait_event = 'BackupWaitWalArchive'", (self._app,)).fetchone()
+                    if row and row[0]:
+                        waiting_since = waiting_since or time.monotonic()
+                        if time.monotonic() - waiting_since > self._timeout:
+                            self.fired = True
+                            self._proc.kill()
+                            return
+                    else:
+                        waiting_since = None
+        except Exception:  # the watchdog only ever helps; the backup itself reports real failures
+            return
+
+
 def _stream_backup(
     policy: Policy, storage: Storage, catalog: Catalog, backup_id: str, progress: Progress
 ) -> tuple[list[PartRecord], dict[str, bytes]]:
     import zstandard
 
     binary = str(policy.postgres.bindir / "pg_basebackup") if policy.postgres.bindir else "pg_basebackup"
+    application_name = f"pgvault-backup-{backup_id}"
     proc = basebackup.start(policy.postgres.conninfo, label=f"pgvault {backup_id}", binary=binary,
-                            checkpoint=policy.backup.checkpoint)
+                            checkpoint=policy.backup.checkpoint, application_name=application_name)
+    watchdog = ArchiveWatchdog(policy.postgres.conninfo, application_name,
+                               policy.backup.wal_timeout.total_seconds(), proc)
+    watchdog.start()
     assert proc.stdout is not None
     splitter = TarSplitter(proc.stdout, policy.backup.part_size)
     parts: list[PartRecord] = []
@@ -185,10 +230,20 @@ def _stream_backup(
                                     sha256=meta.sha256, members=stats.members))
             progress(f"backup {backup_id}: part {index} stored ({stats.raw_size} bytes raw, {meta.size} stored)")
         basebackup.finish(proc)
-    except BaseException:
+    except BaseException as exc:
         proc.kill()
         proc.wait()
+        if watchdog.fired and isinstance(exc, PgvaultError):
+            timeout = int(policy.backup.wal_timeout.total_seconds())
+            raise RepositoryError(
+                f"the server waited more than {timeout} s for the WAL this backup needs to be archived; "
+                "archiving is broken, so the backup was abandoned",
+                hint="run pgvault check; look at pg_stat_archiver and the PostgreSQL log for archive_command "
+                "errors (backup.wal_timeout sets the wait)",
+            ) from None
         raise
+    finally:
+        watchdog.stop()
     missing = [name for name in ("backup_label", "backup_manifest") if name not in splitter.captured]
     if missing:
         raise PostgresError(f"pg_basebackup's stream lacked {', '.join(missing)}; is the server PostgreSQL 13+?")

@@ -600,3 +600,23 @@ def test_no_secrets_in_output_process_titles_or_repository(workdir: Path) -> Non
     finally:
         with contextlib.suppress(Exception):
             made.pg.stop(mode="immediate")
+
+
+def test_backup_gives_up_when_archiving_stays_broken_and_frees_the_lock(workdir: Path) -> None:
+    stuck = new_cluster(workdir, name="stuck", backup={"part_size": "1MiB", "wal_timeout": "3s"})
+    try:
+        with archiving_blocked(stuck):
+            started = time.monotonic()
+            result = stuck.pgvault("-q", "backup")
+            took = time.monotonic() - started
+            assert result.returncode == 1, result.out
+            assert "archiving is broken" in result.stderr
+            assert "Traceback" not in result.out
+            # 3 s of waiting plus the watchdog's 1 s polling and the backup itself, never forever.
+            assert took < 30
+            assert listed_ids(stuck) == []
+        # Archiving works again: the lock is free and the next backup completes.
+        new_id = stuck.backup()
+        assert listed_ids(stuck) == [new_id]
+    finally:
+        stuck.pg.stop(mode="immediate")

@@ -291,3 +291,26 @@ def test_list_debris_finds_only_temp_files(storage: FileStorage) -> None:
     storage.delete(list(storage.list_debris("c/backups/")))
     assert not tmp.exists()
     assert _read(storage, "c/backups/b1/part-00000.tar.zst") == b"p0"
+
+
+def test_concurrent_overwrites_never_pair_one_writers_data_with_anothers_sidecar(storage: FileStorage) -> None:
+    # A .partial replaced by two pushers at once: whoever wins, data and .meta must agree.
+    key = "c/wal/0000000100000000/000000010000000000000001.partial.zst"
+    for round_ in range(60):
+        barrier = threading.Barrier(4)
+
+        def writer(n: int, round_: int = round_, barrier: threading.Barrier = barrier) -> None:
+            payload = f"round {round_} writer {n} ".encode() * (1000 + n)
+            barrier.wait()
+            storage.put(key, io.BytesIO(payload), overwrite=True)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        handle, meta = storage.open(key)
+        with handle:
+            data = handle.read()
+        assert hashlib.sha256(data).hexdigest() == meta.sha256
+        assert len(data) == meta.size

@@ -23,8 +23,14 @@ def split_password(conninfo: str) -> tuple[str, str | None]:
     return make_conninfo(**{k: str(v) for k, v in params.items()}), (str(password) if password else None)
 
 
-def start(conninfo: str, *, label: str, checkpoint: str, binary: str = "pg_basebackup") -> subprocess.Popen[bytes]:
+def start(
+    conninfo: str, *, label: str, checkpoint: str, application_name: str, binary: str = "pg_basebackup"
+) -> subprocess.Popen[bytes]:
+    from psycopg.conninfo import make_conninfo
+
     safe_conninfo, password = split_password(conninfo)
+    # A name of our own, so the watchdog can find this backup's walsender in pg_stat_activity.
+    safe_conninfo = make_conninfo(safe_conninfo, application_name=application_name)
     env = dict(os.environ)
     if password:
         env["PGPASSWORD"] = password

@@ -7,6 +7,7 @@ JSON sidecar holding its SHA-256, size and extra metadata.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +28,16 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path) -> Iterator[None]:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(fd)
 
@@ -84,7 +95,13 @@ class FileStorage:
                 _write_durably(meta_tmp, json.dumps({"size": size, "sha256": meta.sha256,
                                                      "extra": dict(meta.extra)}).encode())
                 if overwrite:
-                    os.replace(tmp, path)
+                    # Two replacing writers must not interleave data and sidecar: publish both under
+                    # an flock on the directory (no-overwrite publishes need none: link() decides).
+                    with _dir_lock(path.parent):
+                        os.replace(tmp, path)
+                        os.replace(meta_tmp, path.with_name(path.name + META_SUFFIX))
+                        fsync_dir(path.parent)
+                    return meta
                 else:
                     # link() fails if the name exists: an atomic no-clobber publish, even against a
                     # concurrent writer of the same key.
