@@ -164,16 +164,7 @@ class Cluster:
     def restore_into(self, *flags: str, archive_mode: str = "off", start: bool = True,
                      wait_promoted: bool = True) -> LocalInstance:
         """Restore, start the copy on a free port, and wait until it reached its target and promoted."""
-        pgdata = self.next_restore_dir()
-        result = self.pgvault("-q", "restore", "--pgdata", str(pgdata), "--archive-mode", archive_mode, *flags)
-        assert result.returncode == 0, f"restore failed ({result.returncode}):\n{result.out}"
-        instance = LocalInstance.existing(pgdata)
-        self.restored.append(instance)
-        if start:
-            instance.start()
-            if wait_promoted:
-                instance.wait_promoted()
-        return instance
+        return self.restore_json(*flags, archive_mode=archive_mode, start=start, wait_promoted=wait_promoted)[1]
 
     def restore_json(self, *flags: str, archive_mode: str = "off", pgdata: Path | None = None,
                      start: bool = True, wait_promoted: bool = True) -> tuple[dict[str, Any], LocalInstance]:

@@ -8,6 +8,7 @@ point leaves only debris without a sentinel, which is invisible and removed by t
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import threading
 import time
@@ -220,7 +221,7 @@ def _stream_backup(
     try:
         for index, (chunks, stats) in enumerate(splitter.parts()):
             compressor = zstandard.ZstdCompressor(
-                level=policy.compression.level, threads=policy.compression.threads or -1,
+                level=policy.compression.level, threads=policy.compression.threads or min(4, os.cpu_count() or 1),
                 write_checksum=True,
             )
             key = catalog.layout.part_key(backup_id, index)

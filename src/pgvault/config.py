@@ -89,7 +89,8 @@ class RepositoryConfig(_Section):
 class CompressionConfig(_Section):
     type: Literal["zstd"] = "zstd"
     level: StrictInt = Field(default=3, ge=1, le=19)
-    # zstd worker threads for backup parts; 0 means one per core.
+    # zstd worker threads for backup parts; 0 means one per core, at most 4 (each costs 10-25 MiB of
+    # memory, and more threads rarely beat the speed PostgreSQL streams the backup at).
     threads: StrictInt = Field(default=0, ge=0, le=64)
 
 

@@ -1,0 +1,295 @@
+"""Peak memory of `pgvault backup` against database size.
+
+The issue's promise: "Memory stays bounded: a backup of a database several times larger than the part
+size has a peak RSS that does not grow with the database". For every size this script
+
+  1. initdb's a throwaway cluster in a /tmp dir owned by the postgres OS user (as tests/conftest.py does),
+  2. fills a database `bench` with about that many MiB: pgbench tables (pgbench -i, server-side
+     generation, ~15 MiB per scale unit; very compressible) plus a table of random bytes (incompressible),
+  3. turns on WAL archiving through `pgvault wal-push`, restarts, and runs `pgvault init`,
+  4. runs `pgvault backup --json` in a subprocess and records the pgvault process's peak RSS
+     (GNU time's %M, or ru_maxrss from wait4 in a small wrapper when /usr/bin/time is missing), its wall
+     time, and the backup's parts, raw and stored size; for reference it also records the peak RSS of
+     `pgvault check` on the same cluster (interpreter, imports, connection, repository: all but the stream),
+  5. destroys the cluster and its directory (also on Ctrl-C or SIGTERM).
+
+The data is loaded with wal_level=minimal and archiving off, so the load writes almost no WAL and the
+backup does not wait behind an archive backlog of the load; archiving through pgvault is on, as in
+production, for the backup itself.
+
+Usage:
+    .venv/bin/python bench/backup_memory.py [--sizes 64,256,1024] [--part-size 32MiB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pgvault.config import parse_size
+from pgvault.errors import PgvaultError
+from pgvault.pg.autoconf import set_auto_conf
+from pgvault.pg.instance import LocalInstance, as_db_user, chown_to_db_user, pg_tool
+
+# The console script next to this interpreter, by its real path (the postgres user can reach the venv).
+PGVAULT = str(Path(sys.executable).parent.resolve() / "pgvault")
+GNU_TIME = "/usr/bin/time"
+MIB = 1024 * 1024
+PGBENCH_MIB_PER_SCALE = 15  # pgbench_accounts + its primary key, per scale unit
+NOISE_ROW_BYTES = 256  # random bytes per row of the incompressible table
+NOISE_ROW_FOOTPRINT = 300  # on-disk bytes per such row, tuple header and line pointer included
+DATABASE = "bench"
+
+# Runs a command and writes its peak RSS (KiB, ru_maxrss of wait4) to argv[1]; exits with its status.
+WAIT4_WRAPPER = """
+import os, sys
+out, argv = sys.argv[1], sys.argv[2:]
+pid = os.posix_spawn(argv[0], argv, os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(out, "w") as handle:
+    handle.write(f"{usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+class Interrupted(Exception):
+    """SIGTERM, turned into an exception so every cleanup runs."""
+
+
+@dataclass
+class Row:
+    target_mib: int
+    db_mib: float
+    parts: int
+    largest_part_mib: float
+    raw_mib: float
+    stored_mib: float
+    wall_s: float
+    backup_s: float
+    baseline_rss_mib: float
+    peak_rss_mib: float
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def make_workdir() -> Path:
+    """A temp dir the database OS user owns (tests/conftest.py's make_workdir)."""
+    path = Path(tempfile.mkdtemp(prefix="pgvault-bench-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    chown_to_db_user(path)
+    return path
+
+
+def run(cmd: list[str], *, what: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    """Run cmd in its own process group; on any interruption kill that whole group, then re-raise."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp",
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{stdout}{stderr}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[tuple[Path, LocalInstance]]:
+    workdir = make_workdir()
+    instance: LocalInstance | None = None
+    try:
+        instance = LocalInstance.create(workdir / "pg", settings={
+            # Fast load: no WAL for data written by the transaction that truncated the table.
+            "wal_level": "minimal", "max_wal_senders": "0", "archive_mode": "off",
+            "max_wal_size": "4GB", "checkpoint_timeout": "30min",
+        })
+        yield workdir, instance
+    finally:
+        # A second Ctrl-C or SIGTERM must not cut the cleanup short.
+        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if instance is not None:
+                with contextlib.suppress(Exception):
+                    instance.stop("immediate")
+            shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def fill(instance: LocalInstance, target_mib: int, noise_fraction: float) -> float:
+    """Load about target_mib MiB into database bench; return pg_database_size in MiB."""
+    instance.psql(f"CREATE DATABASE {DATABASE}")
+    noise_mib = target_mib * noise_fraction
+    scale = max(1, round((target_mib - noise_mib) / PGBENCH_MIB_PER_SCALE))
+    log(f"  pgbench -i -s {scale}")
+    run(as_db_user([pg_tool("pgbench"), "-i", "-q", "-s", str(scale), "-I", "dtGvp", "-h", "127.0.0.1",
+                    "-p", str(instance.port), "-U", "postgres", DATABASE]), what="pgbench -i")
+    rows = int(noise_mib * MIB / NOISE_ROW_FOOTPRINT)
+    if rows:
+        log(f"  {rows} rows of {NOISE_ROW_BYTES} random bytes")
+        md5s = " || ".join(["md5(random()::text)"] * (NOISE_ROW_BYTES // 16))
+        instance.psql(
+            "BEGIN; CREATE TABLE noise (id bigint PRIMARY KEY, payload bytea NOT NULL); "
+            f"INSERT INTO noise SELECT g, decode({md5s}, 'hex') FROM generate_series(1, {rows}) g; COMMIT",
+            dbname=DATABASE,
+        )
+    instance.psql("VACUUM ANALYZE", dbname=DATABASE)
+    instance.psql("CHECKPOINT")
+    return int(instance.psql(f"SELECT pg_database_size('{DATABASE}')")) / MIB
+
+
+def enable_archiving(workdir: Path, instance: LocalInstance, part_size: str, threads: int | None) -> Path:
+    """Archive through pgvault wal-push into a file repository, as tests/conftest.py's new_cluster does."""
+    config = workdir / "pgvault.yaml"
+    repo = workdir / "repo"
+    policy: dict[str, Any] = {
+        "cluster": "bench",
+        "postgres": {"conninfo": instance.conninfo()},
+        "repository": {"url": f"file://{repo}"},
+        "backup": {"part_size": part_size},
+    }
+    if threads is not None:
+        policy["compression"] = {"threads": threads}
+    config.write_text(yaml.safe_dump(policy, sort_keys=False))
+    chown_to_db_user(config)
+    instance.stop()
+    set_auto_conf(instance.pgdata, {
+        "wal_level": "replica", "max_wal_senders": "10", "archive_mode": "on",
+        "archive_command": f"{PGVAULT} --config {config} wal-push %p",
+    })
+    instance.start()
+    run(as_db_user([PGVAULT, "--config", str(config), "-q", "init"]), what="pgvault init")
+    return config
+
+
+def measured(workdir: Path, config: Path, *args: str) -> tuple[str, float, float]:
+    """Run `pgvault ARGS`; return (its stdout, wall seconds, peak RSS of the pgvault process in MiB).
+
+    runuser forks the command and waits for it, so the measuring layer sits inside runuser, right above
+    pgvault. ru_maxrss is a maximum over the process and its waited-for children (pg_basebackup, a few
+    MiB), never their sum.
+    """
+    rss_file = workdir / "peak-rss-kib"
+    command = [PGVAULT, "--config", str(config), "-q", *args]
+    if os.access(GNU_TIME, os.X_OK):
+        wrapped = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *command]
+    else:
+        wrapped = [sys.executable, "-c", WAIT4_WRAPPER, str(rss_file), *command]
+    started = time.monotonic()
+    result = run(as_db_user(wrapped), what=f"pgvault {' '.join(args)}")
+    wall = time.monotonic() - started
+    # GNU time puts "Command exited with non-zero status N" before the figure when the command fails.
+    peak_kib = int(rss_file.read_text().split()[-1])
+    return result.stdout, wall, peak_kib / 1024
+
+
+def bench_one(target_mib: int, part_size: str, noise_fraction: float, threads: int | None) -> Row:
+    log(f"size {target_mib} MiB: creating cluster")
+    with throwaway_cluster() as (workdir, instance):
+        instance.start()
+        db_mib = fill(instance, target_mib, noise_fraction)
+        log(f"  database {db_mib:.0f} MiB; enabling archiving through pgvault")
+        config = enable_archiving(workdir, instance, part_size, threads)
+        # The same process without the stream: interpreter, imports, connection, repository.
+        _, _, baseline = measured(workdir, config, "check")
+        log("  pgvault backup")
+        stdout, wall, peak = measured(workdir, config, "backup", "--json")
+        record = json.loads(stdout)
+        row = Row(target_mib=target_mib, db_mib=db_mib, parts=len(record["parts"]),
+                  largest_part_mib=max(p["raw_size"] for p in record["parts"]) / MIB,
+                  raw_mib=record["raw_size"] / MIB, stored_mib=record["stored_size"] / MIB, wall_s=wall,
+                  backup_s=float(record["duration_s"]), baseline_rss_mib=baseline, peak_rss_mib=peak)
+        log(f"  {row.parts} parts, {row.raw_mib:.0f} MiB raw, {row.stored_mib:.0f} MiB stored, "
+            f"{row.wall_s:.1f} s, peak RSS {row.peak_rss_mib:.1f} MiB (pgvault check: {row.baseline_rss_mib:.1f})")
+        return row
+
+
+def print_table(rows: list[Row], part_size: str, threads: int | None) -> None:
+    zstd = "zstd threads: one per core" if threads in (None, 0) else f"zstd threads: {threads}"
+    print(f"part size {part_size}, {zstd}, {os.cpu_count()} CPUs; check RSS = peak RSS of `pgvault check` on the "
+          "same cluster")
+    header = ("size MiB", "DB MiB", "parts", "largest part MiB", "raw MiB", "stored MiB", "wall s",
+              "peak RSS MiB", "check RSS MiB")
+    cells = [[f"{r.target_mib}", f"{r.db_mib:.0f}", f"{r.parts}", f"{r.largest_part_mib:.0f}", f"{r.raw_mib:.0f}",
+              f"{r.stored_mib:.0f}", f"{r.wall_s:.1f}", f"{r.peak_rss_mib:.1f}", f"{r.baseline_rss_mib:.1f}"]
+             for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    print(" | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    print("-+-".join("-" * w for w in widths))
+    for c in cells:
+        print(" | ".join(v.rjust(w) for v, w in zip(c, widths, strict=True)))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="64,256,1024",
+                        help="database sizes to back up, MiB, comma-separated (default 64,256,1024)")
+    parser.add_argument("--part-size", default="32MiB", help="backup.part_size of the policy (default 32MiB)")
+    parser.add_argument("--noise-fraction", type=float, default=0.25,
+                        help="share of the data that is random bytes rather than pgbench tables (default 0.25)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="compression.threads (default: the policy default, one zstd worker per core)")
+    parser.add_argument("--json", dest="json_out", metavar="FILE", help="also write the rows to FILE as JSON")
+    args = parser.parse_args(argv)
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+        parse_size(args.part_size)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not args.sizes or min(args.sizes) < 1:
+        parser.error("--sizes needs positive MiB values")
+    if not 0 <= args.noise_fraction < 1:
+        parser.error("--noise-fraction must be in [0, 1)")
+    if args.threads is not None and not 0 <= args.threads <= 64:
+        parser.error("--threads must be 0-64, as compression.threads")
+    return args
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    part_mib = parse_size(args.part_size) / MIB
+    if max(args.sizes) < 8 * part_mib:
+        log(f"note: the largest size is less than 8x the part size ({part_mib:.0f} MiB)")
+    rows: list[Row] = []
+    try:
+        for size in args.sizes:
+            rows.append(bench_one(size, args.part_size, args.noise_fraction, args.threads))
+    except (KeyboardInterrupt, Interrupted):
+        log("interrupted; cleaned up")
+        return 130
+    except (PgvaultError, RuntimeError) as exc:
+        log(f"failed: {exc}")
+        return 1
+    print_table(rows, args.part_size, args.threads)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
