@@ -494,8 +494,8 @@ def main() -> NoReturn:
     except PgvaultError as exc:
         _report(exc, debug)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort:  # click's name for Ctrl-C
+        click.echo("interrupted", err=True)
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

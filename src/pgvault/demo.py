@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shlex
 import signal
 import subprocess
@@ -89,10 +90,26 @@ def _pgvault_command() -> list[str]:
 def reexec_as_db_user(*, keep: bool, quiet: bool, debug: bool) -> int:
     """As root, the demo runs wholly as the postgres user: the server and its archive_command do."""
     flags = [flag for flag, on in (("--quiet", quiet), ("--debug", debug)) if on]
-    cmd = ["runuser", "-u", "postgres", "--", *_pgvault_command(), *flags, "demo"]
+    cmd = [*_pgvault_command(), *flags, "demo"]
     if keep:
         cmd.append("--keep")
-    return subprocess.run(cmd, cwd="/tmp", check=False).returncode
+    # Drop privileges directly rather than through runuser, which SIGKILLs its child 2 s after a
+    # SIGTERM: the demo needs longer than that to stop its servers and clean up.
+    user = pwd.getpwnam("postgres")
+    env = {**os.environ, "HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name}
+    proc = subprocess.Popen(cmd, cwd="/tmp", user=user.pw_uid, group=user.pw_gid, extra_groups=[], env=env)
+
+    def forward(_signum: int, _frame: FrameType | None) -> None:
+        # The demo must clean up, so it decides when to exit: pass the interrupt on and keep waiting.
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_demo(progress: Progress, keep: bool = False) -> DemoReport:
@@ -182,6 +199,9 @@ def run_demo(progress: Progress, keep: bool = False) -> DemoReport:
             report.recovered = {int(b): int(n) for b, n in rows}
             done()
     finally:
+        # A second Ctrl-C must not cut the cleanup short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for instance in reversed(instances):
             # Cleanup must go on; the first error is what the user needs to see.
             with contextlib.suppress(Exception):
