@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -61,63 +62,52 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-class TargetTime(click.ParamType):
-    name = "TIME"
+class Parsed(click.ParamType):
+    """A flag value parsed by a core function; its ValueError becomes click's one-line usage error."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
-        if isinstance(value, datetime):
-            return value
-        from pgvault.targets import parse_target_time
-
-        try:
-            return parse_target_time(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class TargetLsn(click.ParamType):
-    name = "LSN"
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self._parse = parse
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from pgvault.pg.wal import Lsn
-
+        if not isinstance(value, str):
+            return value  # already converted (a default, or a caller passing the real type)
         try:
-            return Lsn.parse(str(value))
+            return self._parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class TargetXid(click.ParamType):
-    name = "XID"
+# Parsers import their modules on first use: wal-push and wal-fetch never pay for them.
+def _target_time(text: str) -> datetime:
+    from pgvault.targets import parse_target_time
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        text = str(value).strip()
-        if not text.isdigit() or int(text) < 3:
-            self.fail(f"{value!r} is not a transaction id; give a number of 3 or more, as txid_current() "
-                      "returns it", param, ctx)
-        return int(text)
+    return parse_target_time(text)
 
 
-class Timeline(click.ParamType):
-    name = "current|latest|N"
+def _lsn(text: str) -> Any:
+    from pgvault.pg.wal import Lsn
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from pgvault.targets import parse_timeline
-
-        try:
-            return parse_timeline(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+    return Lsn.parse(text)
 
 
-class Annotation(click.ParamType):
-    name = "KEY=VALUE"
+def _timeline(text: str) -> Any:
+    from pgvault.targets import parse_timeline
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, str]:
-        key, sep, val = str(value).partition("=")
-        if not sep or not key.strip():
-            self.fail(f"{value!r} is not KEY=VALUE; write e.g. --annotate reason=pre-upgrade", param, ctx)
-        return key.strip(), val
+    return parse_timeline(text)
+
+
+def _xid(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 3:
+        raise ValueError(f"{text!r} is not a transaction id; give a number of 3 or more, as txid_current() returns it")
+    return int(text)
+
+
+def _annotation(text: str) -> tuple[str, str]:
+    key, sep, val = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{text!r} is not KEY=VALUE; write e.g. --annotate reason=pre-upgrade")
+    return key.strip(), val
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -230,7 +220,7 @@ def wal_fetch(ctx: Context, name: str, dest: Path) -> None:
 
 
 @cli.command()
-@click.option("--annotate", "annotations", type=Annotation(), multiple=True,
+@click.option("--annotate", "annotations", type=Parsed("KEY=VALUE", _annotation), multiple=True,
               help="Attach KEY=VALUE to the backup record (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the backup record as JSON.")
 @pass_context
@@ -385,15 +375,15 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
 @click.option("--pgdata", type=click.Path(path_type=Path, file_okay=False),
               help="Data directory to restore into (empty unless --delta/--force). Default: postgres.pgdata.")
 @click.option("--backup", "backup_id", metavar="ID", help="Restore this backup (default: newest before the target).")
-@click.option("--target-time", type=TargetTime(), help="Recover up to this moment (with a time zone).")
-@click.option("--target-lsn", type=TargetLsn(), help="Recover up to this WAL location, e.g. 0/3000028.")
-@click.option("--target-xid", type=TargetXid(), help="Recover up to this transaction's commit.")
+@click.option("--target-time", type=Parsed("TIME", _target_time), help="Recover up to this moment (with a time zone).")
+@click.option("--target-lsn", type=Parsed("LSN", _lsn), help="Recover up to this WAL location, e.g. 0/3000028.")
+@click.option("--target-xid", type=Parsed("XID", _xid), help="Recover up to this transaction's commit.")
 @click.option("--target-name", help="Recover up to this restore point (pg_create_restore_point).")
 @click.option("--target", "target_immediate", type=click.Choice(["immediate"]),
               help="immediate: stop as soon as the backup is consistent.")
 @click.option("--target-action", type=click.Choice(["promote", "pause", "shutdown"]), default="promote",
               show_default=True, help="What PostgreSQL does on reaching the target.")
-@click.option("--target-timeline", type=Timeline(), default="latest", show_default=True,
+@click.option("--target-timeline", type=Parsed("current|latest|N", _timeline), default="latest", show_default=True,
               help="Timeline to follow: current, latest or a number.")
 @click.option("--target-exclusive", is_flag=True, help="Stop just before the target instead of just after.")
 @click.option("--archive-mode", type=click.Choice(["preserve", "off"]), default="preserve", show_default=True,
