@@ -46,3 +46,15 @@ def test_check_says_archiving_is_broken_when_segments_do_not_arrive(cluster: Clu
     assert "archiving is broken" in result.stderr
     assert "pg_stat_archiver" in result.stderr
     assert "Traceback" not in result.out
+
+
+def test_libpq_environment_variables_fill_in_the_conninfo(cluster: Cluster, workdir: Path) -> None:
+    # conninfo names only the database; host, port and user come from PG* variables, as libpq does.
+    config = workdir / "env.yaml"
+    write_policy(config, "test", "dbname=postgres", cluster.repo)
+    env = {"PGHOST": "127.0.0.1", "PGPORT": str(cluster.pg.port), "PGUSER": "postgres"}
+    result = run_pgvault("check", config=config, env=env)
+    assert result.returncode == 0, result.out
+    backup_id = run_pgvault("-q", "backup", config=config, env=env).stdout.strip()
+    listed = json.loads(cluster.ok("list", "--json").stdout)["backups"]
+    assert [b["id"] for b in listed] == [backup_id]
