@@ -274,7 +274,7 @@ def _render_windows(windows: list[Any]) -> None:
     from rich.table import Table
 
     table = Table(title="recoverable window", title_justify="left")
-    for column in ("timeline", "earliest", "latest", "WAL through"):
+    for column in ("timeline", "earliest (consistent)", "latest (last commit)", "WAL through"):
         table.add_column(column)
     for w in windows:
         earliest = f"{w.earliest_time:%Y-%m-%d %H:%M:%S%z} ({w.earliest_lsn})" if w.earliest_time else "-"
