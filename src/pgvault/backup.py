@@ -185,22 +185,26 @@ class ArchiveWatchdog(threading.Thread):
 
     def run(self) -> None:
         waiting_since: float | None = None
-        try:
-            with connect(self._conninfo) as conn:
-                while not self._done.wait(1.0):
-                    row = conn.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-                        " AND wait_event = 'BackupWaitWalArchive'", (self._app,)).fetchone()
-                    if row and row[0]:
+        while not self._done.is_set():
+            try:
+                with connect(self._conninfo) as conn:
+                    while not self._done.wait(1.0):
+                        row = conn.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                            " AND wait_event = 'BackupWaitWalArchive'", (self._app,)).fetchone()
+                        if not (row and row[0]):
+                            waiting_since = None
+                            continue
                         waiting_since = waiting_since or time.monotonic()
                         if time.monotonic() - waiting_since > self._timeout:
                             self.fired = True
                             self._proc.kill()
+                            # The walsender would otherwise wait on for archiving, holding its slot.
+                            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                         " WHERE application_name = %s", (self._app,))
                             return
-                    else:
-                        waiting_since = None
-        except Exception:  # the watchdog only ever helps; the backup itself reports real failures
-            return
+            except Exception:  # a lost connection must not end the watch: reconnect and go on
+                self._done.wait(2.0)
 
 
 def _stream_backup(

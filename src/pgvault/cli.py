@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from pgvault import __version__
-from pgvault.errors import ObjectNotFound, PgvaultError
+from pgvault.errors import ObjectNotFound, PgvaultError, RepositoryError
 
 if TYPE_CHECKING:
     from pgvault.config import Policy
@@ -208,7 +208,17 @@ def wal_fetch(ctx: Context, name: str, dest: Path) -> None:
     try:
         policy = ctx.policy()
         storage = ctx.storage(policy)
-        archive.fetch(storage, Layout(policy.cluster), name, dest)
+        layout = Layout(policy.cluster)
+        try:
+            archive.fetch(storage, layout, name, dest)
+        except ObjectNotFound:
+            # Only an intact repository may answer "not archived": an unmounted or emptied one must
+            # stop recovery, not end it early.
+            if storage.head(layout.cluster_json) is None:
+                raise RepositoryError(f"repository {policy.repository.url} has no cluster {policy.cluster!r} "
+                                      "(not mounted, or the wrong repository?)",
+                                      hint="fix the repository, then start PostgreSQL again") from None
+            raise
     except ObjectNotFound:
         sys.exit(1)
     except PgvaultError as exc:
@@ -329,7 +339,6 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
     Example: pgvault --config /etc/pgvault/demo.yaml info 20261126T020000Z
     """
     from pgvault.catalog import Catalog
-    from pgvault.errors import RepositoryError
 
     policy = ctx.policy()
     storage = ctx.storage(policy)

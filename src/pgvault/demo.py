@@ -70,15 +70,23 @@ class DemoReport:
 
 
 @contextmanager
-def _interrupt_on_sigterm() -> Iterator[None]:
-    def handler(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+def _interruptible_once() -> Iterator[None]:
+    """The first Ctrl-C or SIGTERM interrupts the demo; any later one must not cut its cleanup short."""
+    interrupted = False
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _pgvault_command() -> list[str]:
@@ -134,7 +142,7 @@ def run_demo(progress: Progress, keep: bool = False) -> DemoReport:
         return lambda: report.steps.append((name, time.monotonic() - started))
 
     try:
-        with _interrupt_on_sigterm():
+        with _interruptible_once():
             done = step("start a throwaway PostgreSQL with WAL archiving")
             config = workdir / "policy.yaml"
             primary = LocalInstance.create(workdir / "primary", settings={})
@@ -199,15 +207,13 @@ def run_demo(progress: Progress, keep: bool = False) -> DemoReport:
             report.recovered = {int(b): int(n) for b, n in rows}
             done()
     finally:
-        # A second Ctrl-C must not cut the cleanup short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for instance in reversed(instances):
             # Cleanup must go on; the first error is what the user needs to see.
             with contextlib.suppress(Exception):
                 instance.stop(mode="immediate")
         if keep:
             report.kept = True
+            progress(f"kept {workdir}")
         else:
             import shutil
 

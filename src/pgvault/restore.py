@@ -100,7 +100,9 @@ def _owner_for(pgdata: Path) -> tuple[int, int] | None:
     """When root restores, files go to the data directory's owner (or postgres), as the server needs."""
     if os.geteuid() != 0:
         return None
-    probe = pgdata if pgdata.exists() else pgdata.parent
+    probe = pgdata
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     st = probe.stat()
     if st.st_uid != 0:
         return st.st_uid, st.st_gid
@@ -179,7 +181,10 @@ def _choose(view: Recoverable, reach: list[BackupReach], request: RestoreRequest
 def _event_matcher(target: RecoveryTarget) -> Callable[[Any], bool]:
     if target.kind == "name":
         return lambda e: e.kind == "RESTORE_POINT" and e.name == target.name
-    return lambda e: e.kind in _XACT_KINDS and e.xid == target.xid
+    # recovery_target_xid keeps only the low 32 bits of an epoch-qualified txid_current() value, and
+    # pg_waldump prints the 32-bit xid: compare those.
+    xid = (target.xid or 0) & 0xFFFFFFFF
+    return lambda e: e.kind in _XACT_KINDS and e.xid == xid
 
 
 def _check_backup_before(chosen: BackupReach, target: RecoveryTarget) -> None:

@@ -237,7 +237,8 @@ def extract(
                     target.unlink()
                 os.symlink(member.linkname, target)
             else:
-                raise UnsafeArchive(f"backup member {member.name!r} is a {member.type!r} entry, "
+                kind = member.type.decode(errors="replace")
+                raise UnsafeArchive(f"backup member {member.name!r} is a tar entry of type {kind!r}, "
                                     "which a data directory never holds")
             if owner is not None:
                 os.lchown(target, *owner)

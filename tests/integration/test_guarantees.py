@@ -620,3 +620,19 @@ def test_backup_gives_up_when_archiving_stays_broken_and_frees_the_lock(workdir:
         assert listed_ids(stuck) == [new_id]
     finally:
         stuck.pg.stop(mode="immediate")
+
+
+def test_wal_fetch_from_a_missing_repository_stops_recovery_instead_of_ending_it(
+    archiving: Cluster, workdir: Path
+) -> None:
+    # An unmounted repository must not read as "end of archive": exit 1 would make PostgreSQL end
+    # recovery early and promote at the wrong point.
+    for name, repo in (("unmounted", workdir / "not-mounted"), ("other-cluster", archiving.repo)):
+        config = workdir / f"{name}.yaml"
+        write_policy(config, "no-such-cluster" if name == "other-cluster" else "test",
+                     archiving.pg.conninfo(), repo)
+        dest = workdir / f"{name}-segment"
+        result = run_pgvault("wal-fetch", "000000010000000000000001", str(dest), config=config)
+        assert result.returncode == 255, result.out
+        assert "not mounted, or the wrong repository" in result.stderr
+        assert not dest.exists()

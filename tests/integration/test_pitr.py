@@ -127,6 +127,15 @@ def test_exclusive_xid_target_excludes_that_transaction(history: History) -> Non
     assert rows_of(restored) == history.rows_through(4)
 
 
+def test_epoch_qualified_xid_finds_the_same_transaction(history: History) -> None:
+    # txid_current() carries the epoch above bit 32; PostgreSQL's recovery_target_xid keeps the low 32
+    # bits, and pgvault must locate the transaction the same way.
+    epoch_qualified = (1 << 32) + history.marks[2].xid
+    result, restored = history.cluster.restore_json("--target-xid", str(epoch_qualified))
+    assert result["backup_id"] == history.a["id"]
+    assert rows_of(restored) == history.rows_through(2)
+
+
 def test_restore_point_target(history: History) -> None:
     result, restored = history.cluster.restore_json("--target-name", RESTORE_POINT)
     assert result["backup_id"] == history.a["id"]

@@ -42,7 +42,7 @@ def start(
     try:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     except FileNotFoundError:
-        raise PostgresError("pg_basebackup is not installed or not on PATH",
+        raise PostgresError(f"{binary} not found (is the PostgreSQL client installed, postgres.bindir right?)",
                             hint="install the PostgreSQL client package (postgresql-client-15)") from None
 
 
