@@ -1,4 +1,4 @@
-"""Taking a backup: pg_basebackup's tar stream -> parts -> zstd -> repository -> manifest -> sentinel.
+"""Taking a backup: the server's tar archives (one per tablespace) -> parts -> zstd -> repository -> sentinel.
 
 The sentinel (backup.json) is written last, after every part, the manifest and the WAL the backup
 needs to become consistent are in the repository (guarantee 3). A backup killed at any earlier
@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from pgvault import __version__
-from pgvault.catalog import BackupRecord, Catalog, PartRecord, StoredObject
+from pgvault.catalog import BackupRecord, Catalog, PartRecord, StoredObject, TablespaceRecord
 from pgvault.config import Policy
-from pgvault.errors import ObjectExists, PgvaultError, PostgresError, RepositoryError
+from pgvault.errors import ObjectExists, PostgresError, RepositoryError
 from pgvault.pg import basebackup
 from pgvault.pg.conn import connect, server_facts
 from pgvault.pg.wal import Lsn, WalSegment, segments_between
 from pgvault.repo import job_lock
 from pgvault.repo.base import Storage
-from pgvault.tarparts import ChunkReader, TarSplitter
+from pgvault.streams import ChunkReader
+from pgvault.tarparts import TarSplitter
 
 Progress = Callable[[str], None]
 
@@ -90,13 +89,6 @@ def run_backup(
                 f"repository is system {info.system_id}",
                 hint="point postgres.conninfo at the right server, or use another cluster name",
             )
-        if facts.tablespaces:
-            raise PostgresError(
-                f"the cluster has tablespaces ({', '.join(facts.tablespaces)}), which pgvault does not back up "
-                "yet",
-                hint="move their objects to pg_default (ALTER TABLE ... SET TABLESPACE pg_default) and drop "
-                "them; see README 'Limits'",
-            )
         if facts.archive_mode == "off" or facts.wal_level == "minimal":
             raise PostgresError(
                 "the server does not archive WAL (archive_mode=off or wal_level=minimal), so a backup "
@@ -109,8 +101,10 @@ def run_backup(
         clock = time.monotonic()
         taken = {backup_id for backup_id, _ in catalog.backup_ids()}
         backup_id = new_backup_id(started, taken)
-        progress(f"backup {backup_id}: starting pg_basebackup ({policy.backup.checkpoint} checkpoint)")
-        parts, captured = _stream_backup(policy, storage, catalog, backup_id, progress)
+        progress(f"backup {backup_id}: starting ({policy.backup.checkpoint} checkpoint)")
+        with connect(policy.postgres.conninfo) as conn:
+            names = dict(conn.execute("SELECT oid::text, spcname FROM pg_tablespace").fetchall())
+        parts, captured, tablespaces = _stream_backup(policy, storage, catalog, backup_id, progress)
 
         with connect(policy.postgres.conninfo) as conn:
             row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
@@ -141,6 +135,8 @@ def run_backup(
             checkpoint_lsn=str(label.checkpoint_lsn), start_time=started, stop_time=stop_time,
             start_wal=first_seg.name, stop_wal=last_seg.name, next_xid=next_xid,
             label=f"pgvault {backup_id}", parts=parts,
+            tablespaces=[TablespaceRecord(oid=t.oid, name=names.get(t.oid, t.oid), location=t.location)
+                         for t in tablespaces],
             manifest=StoredObject(key=catalog.layout.manifest_key(backup_id), size=manifest_meta.size,
                                   sha256=manifest_meta.sha256),
             raw_size=sum(p.raw_size for p in parts) + len(manifest_bytes),
@@ -164,92 +160,39 @@ def _compress(data: bytes, level: int) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
 
 
-class ArchiveWatchdog(threading.Thread):
-    """Ends a backup whose server waits for WAL archiving longer than the policy allows.
-
-    With --wal-method=none the server, at backup end, waits without limit until the WAL the backup
-    needs is archived; with archiving broken that is forever, holding the backup lock and a cron slot.
-    """
-
-    def __init__(self, conninfo: str, application_name: str, timeout: float, proc: subprocess.Popen[bytes]):
-        super().__init__(name="pgvault-archive-watchdog", daemon=True)
-        self._conninfo = conninfo
-        self._app = application_name
-        self._timeout = timeout
-        self._proc = proc
-        self._done = threading.Event()
-        self.fired = False
-
-    def stop(self) -> None:
-        self._done.set()
-
-    def run(self) -> None:
-        waiting_since: float | None = None
-        while not self._done.is_set():
-            try:
-                with connect(self._conninfo) as conn:
-                    while not self._done.wait(1.0):
-                        row = conn.execute(
-                            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-                            " AND wait_event = 'BackupWaitWalArchive'", (self._app,)).fetchone()
-                        if not (row and row[0]):
-                            waiting_since = None
-                            continue
-                        waiting_since = waiting_since or time.monotonic()
-                        if time.monotonic() - waiting_since > self._timeout:
-                            self.fired = True
-                            self._proc.kill()
-                            # The walsender would otherwise wait on for archiving, holding its slot.
-                            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                                         " WHERE application_name = %s", (self._app,))
-                            return
-            except Exception:  # a lost connection must not end the watch: reconnect and go on
-                self._done.wait(2.0)
-
-
 def _stream_backup(
     policy: Policy, storage: Storage, catalog: Catalog, backup_id: str, progress: Progress
-) -> tuple[list[PartRecord], dict[str, bytes]]:
+) -> tuple[list[PartRecord], dict[str, bytes], list[basebackup.Tablespace]]:
     import zstandard
 
-    binary = str(policy.postgres.bindir / "pg_basebackup") if policy.postgres.bindir else "pg_basebackup"
-    application_name = f"pgvault-backup-{backup_id}"
-    proc = basebackup.start(policy.postgres.conninfo, label=f"pgvault {backup_id}", binary=binary,
-                            checkpoint=policy.backup.checkpoint, application_name=application_name)
-    watchdog = ArchiveWatchdog(policy.postgres.conninfo, application_name,
-                               policy.backup.wal_timeout.total_seconds(), proc)
-    watchdog.start()
-    assert proc.stdout is not None
-    splitter = TarSplitter(proc.stdout, policy.backup.part_size)
+    session = basebackup.BaseBackupSession(policy.postgres.conninfo,
+                                           application_name=f"pgvault-backup-{backup_id}")
     parts: list[PartRecord] = []
+    captured: dict[str, bytes] = {}
+    threads = policy.compression.threads or min(4, os.cpu_count() or 1)
     try:
-        for index, (chunks, stats) in enumerate(splitter.parts()):
-            compressor = zstandard.ZstdCompressor(
-                level=policy.compression.level, threads=policy.compression.threads or min(4, os.cpu_count() or 1),
-                write_checksum=True,
-            )
-            key = catalog.layout.part_key(backup_id, index)
-            reader = compressor.stream_reader(ChunkReader(chunks))
-            meta = storage.put(key, reader)  # type: ignore[arg-type]
-            parts.append(PartRecord(index=index, key=key, raw_size=stats.raw_size, size=meta.size,
-                                    sha256=meta.sha256, members=stats.members))
-            progress(f"backup {backup_id}: part {index} stored ({stats.raw_size} bytes raw, {meta.size} stored)")
-        basebackup.finish(proc)
-    except BaseException as exc:
-        proc.kill()
-        proc.wait()
-        if watchdog.fired and isinstance(exc, PgvaultError):
-            timeout = int(policy.backup.wal_timeout.total_seconds())
-            raise RepositoryError(
-                f"the server waited more than {timeout} s for the WAL this backup needs to be archived; "
-                "archiving is broken, so the backup was abandoned",
-                hint="run pgvault check; look at pg_stat_archiver and the PostgreSQL log for archive_command "
-                "errors (backup.wal_timeout sets the wait)",
-            ) from None
-        raise
+        session.start(label=f"pgvault {backup_id}", fast_checkpoint=policy.backup.checkpoint == "fast")
+        oids = {t.location: t.oid for t in session.tablespaces}
+        for archive_name, location, reader in session.archives():
+            tablespace = oids.get(location) if location else None
+            splitter = TarSplitter(reader, policy.backup.part_size)  # type: ignore[arg-type]
+            for chunks, stats in splitter.parts():
+                index = len(parts)
+                compressor = zstandard.ZstdCompressor(level=policy.compression.level, threads=threads,
+                                                      write_checksum=True)
+                key = catalog.layout.part_key(backup_id, index)
+                meta = storage.put(key, compressor.stream_reader(ChunkReader(chunks)))  # type: ignore[arg-type]
+                parts.append(PartRecord(index=index, key=key, raw_size=stats.raw_size, size=meta.size,
+                                        sha256=meta.sha256, members=stats.members, tablespace=tablespace))
+                progress(f"backup {backup_id}: part {index} of {archive_name} stored "
+                         f"({stats.raw_size} bytes raw, {meta.size} stored)")
+            captured.update(splitter.captured)
+        session.finish()
+        captured["backup_manifest"] = session.manifest
+        tablespaces = list(session.tablespaces)
     finally:
-        watchdog.stop()
-    missing = [name for name in ("backup_label", "backup_manifest") if name not in splitter.captured]
-    if missing:
-        raise PostgresError(f"pg_basebackup's stream lacked {', '.join(missing)}; is the server PostgreSQL 13+?")
-    return parts, splitter.captured
+        session.close()
+    if "backup_label" not in captured or not captured["backup_manifest"]:
+        raise PostgresError("the base backup stream lacked its backup_label or manifest; is the server "
+                            "PostgreSQL 15 or later?")
+    return parts, captured, tablespaces

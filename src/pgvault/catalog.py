@@ -39,6 +39,13 @@ class PartRecord(StoredObject):
     index: int
     raw_size: int
     members: int
+    tablespace: str | None = None  # the tablespace's OID; None for the data directory
+
+
+class TablespaceRecord(_Record):
+    oid: str
+    name: str
+    location: str
 
 
 class BackupRecord(_Record):
@@ -62,6 +69,7 @@ class BackupRecord(_Record):
     next_xid: int
     label: str
     parts: list[PartRecord]
+    tablespaces: list[TablespaceRecord] = []
     manifest: StoredObject
     raw_size: int
     stored_size: int

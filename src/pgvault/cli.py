@@ -103,6 +103,13 @@ def _xid(text: str) -> int:
     return int(text)
 
 
+def _tablespace_mapping(text: str) -> tuple[str, Path]:
+    key, sep, directory = text.partition("=")
+    if not sep or not key.strip() or not directory.startswith("/"):
+        raise ValueError(f"{text!r} is not NAME=/absolute/dir; write e.g. --tablespace-map ts1=/srv/pg/ts1")
+    return key.strip(), Path(directory)
+
+
 def _annotation(text: str) -> tuple[str, str]:
     key, sep, val = text.partition("=")
     if not sep or not key.strip():
@@ -397,14 +404,16 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
 @click.option("--target-exclusive", is_flag=True, help="Stop just before the target instead of just after.")
 @click.option("--archive-mode", type=click.Choice(["preserve", "off"]), default="preserve", show_default=True,
               help="off: the restored server does not archive (scratch copies, drills).")
+@click.option("--tablespace-map", "tablespace_map", type=Parsed("NAME=DIR", _tablespace_mapping), multiple=True,
+              help="Restore tablespace NAME (or OID) into DIR instead of its original place (repeatable).")
 @click.option("--delta", is_flag=True, help="Reuse files in --pgdata that match the backup; remove the rest.")
 @click.option("--force", is_flag=True, help="Delete everything in --pgdata first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_context
 def restore(ctx: Context, pgdata: Path, backup_id: str | None, target_time: datetime | None, target_lsn: Any,
             target_xid: int | None, target_name: str | None, target_immediate: str | None, target_action: str,
-            target_timeline: Any, target_exclusive: bool, archive_mode: str, delta: bool, force: bool,
-            as_json: bool) -> None:
+            target_timeline: Any, target_exclusive: bool, archive_mode: str,
+            tablespace_map: tuple[tuple[str, Path], ...], delta: bool, force: bool, as_json: bool) -> None:
     """Restore a backup into --pgdata and set it up to recover to a target.
 
     Without a target, recovery replays all archived WAL. Afterwards `pg_ctl -D DIR start`
@@ -435,7 +444,7 @@ def restore(ctx: Context, pgdata: Path, backup_id: str | None, target_time: date
     request = RestoreRequest(pgdata=pgdata, target=target, backup_id=backup_id,
                              archive_mode=archive_mode,  # type: ignore[arg-type]
                              mode="delta" if delta else "force" if force else "new",
-                             config_path=ctx.policy_path())
+                             config_path=ctx.policy_path(), tablespace_map=dict(tablespace_map))
     result = run_restore(storage, policy, request, waldump=_waldump(policy, cluster.pg_version),
                          progress=ctx.progress)
     if as_json:

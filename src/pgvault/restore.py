@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Literal
 
 from pgvault.catalog import BackupRecord, PartRecord, StoredObject
 from pgvault.config import Policy
-from pgvault.errors import DataDirectoryInUse, IntegrityError, TargetUnreachable
+from pgvault.errors import DataDirectoryInUse, IntegrityError, TargetUnreachable, UsageError
 from pgvault.pg import recovery
 from pgvault.pg.wal import WalSegment
 from pgvault.recoverable import _XACT_KINDS, Recoverable
@@ -40,6 +40,8 @@ class RestoreRequest:
     archive_mode: Literal["preserve", "off"] = "preserve"
     mode: Literal["new", "delta", "force"] = "new"
     config_path: Path | None = None
+    # Tablespace name or OID -> where to restore it; unmapped tablespaces go back to their original place.
+    tablespace_map: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class RestoreResult:
     target: str
     timeline: int
     settings: dict[str, str]
+    tablespaces: dict[str, str]
     files_written: int
     files_unchanged: int
     bytes_written: int
@@ -319,6 +322,46 @@ def _remove_unlisted(pgdata: Path, keep: set[str]) -> None:
                 os.unlink(os.path.join(dirpath, name))
 
 
+def tablespace_roots(backup: BackupRecord, request: RestoreRequest, pgdata: Path) -> dict[str, Path]:
+    """Where each of the backup's tablespaces goes (OID -> directory), checked before writing."""
+    by_key = {t.oid: t for t in backup.tablespaces} | {t.name: t for t in backup.tablespaces}
+    for key in request.tablespace_map:
+        if key not in by_key:
+            have = ", ".join(f"{t.name} (OID {t.oid})" for t in backup.tablespaces) or "none"
+            raise UsageError(f"--tablespace-map {key}: backup {backup.id} has no such tablespace (it has: {have})",
+                             hint="name a tablespace by its name or OID")
+    roots: dict[str, Path] = {}
+    for space in backup.tablespaces:
+        mapped = request.tablespace_map.get(space.name) or request.tablespace_map.get(space.oid)
+        root = (mapped or Path(space.location)).absolute()
+        if root == pgdata or pgdata in root.parents or root in pgdata.parents:
+            raise UsageError(f"tablespace {space.name} would be restored to {root}, which overlaps --pgdata",
+                             hint=f"map it elsewhere: --tablespace-map {space.name}=DIR")
+        if root in roots.values():
+            raise UsageError(f"two tablespaces would be restored to {root}", hint="map each to its own directory")
+        if root.exists() and not root.is_dir():
+            raise DataDirectoryInUse(f"tablespace {space.name}'s directory {root} exists and is not a directory")
+        if request.mode == "new" and root.exists() and any(root.iterdir()):
+            raise DataDirectoryInUse(
+                f"tablespace {space.name}'s directory {root} is not empty",
+                hint=f"restore it elsewhere with --tablespace-map {space.name}=DIR, or pass --delta/--force",
+            )
+        roots[space.oid] = root
+    return roots
+
+
+def _write_tablespace_map(pgdata: Path, roots: dict[str, Path], owner: tuple[int, int] | None) -> None:
+    """PostgreSQL makes the pg_tblspc links from this file when recovery starts."""
+    # A backslash escapes the next character; that is how a newline or backslash in a path survives.
+    lines = [f"{oid} {str(root).replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + chr(10))}\n"
+             for oid, root in sorted(roots.items())]
+    path = pgdata / "tablespace_map"
+    path.write_text("".join(lines))
+    path.chmod(0o600)
+    if owner is not None:
+        os.chown(path, *owner)
+
+
 def restore(
     storage: Storage, policy: Policy, request: RestoreRequest, *, waldump: str, progress: Progress,
 ) -> RestoreResult:
@@ -328,6 +371,7 @@ def restore(
     view = Recoverable(storage, policy.cluster, waldump)
     plan = plan_restore(view, request)
     backup = plan.backup
+    roots = tablespace_roots(backup, request, pgdata)
     progress(f"restore: backup {backup.id} (timeline {backup.timeline}, consistent at {backup.stop_lsn}), "
              f"target {plan.target.describe()}")
 
@@ -338,30 +382,40 @@ def restore(
     manifest = _read_manifest(storage, backup.manifest)
 
     owner = _owner_for(pgdata)
-    if request.mode == "force" and pgdata.exists():
-        _wipe(pgdata)
-    pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(pgdata, 0o700)
-    if owner is not None:
-        os.chown(pgdata, *owner)
+    for directory in (pgdata, *roots.values()):
+        if request.mode == "force" and directory.exists():
+            _wipe(directory)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        if owner is not None:
+            os.chown(directory, *owner)
 
-    unchanged = None
-    if request.mode == "delta":
-        checksums = _manifest_checksums(manifest)
+    checksums = _manifest_checksums(manifest) if request.mode == "delta" else {}
+
+    def extract(part: PartRecord) -> tuple[int, int, int, set[str]]:
+        root = roots[part.tablespace] if part.tablespace else pgdata
+        # The manifest names tablespace files by their path through pg_tblspc.
+        prefix = f"pg_tblspc/{part.tablespace}/" if part.tablespace else ""
 
         def unchanged(name: str, size: int, path: Path) -> bool:
-            known = checksums.get(name)
+            known = checksums.get(prefix + name)
             return (known is not None and path.is_file() and path.stat().st_size == size == known[0]
                     and _file_sha256(path) == known[1])
 
-    progress(f"restore: extracting into {pgdata}")
+        return _extract_part(storage, part, root, owner, unchanged if checksums else None)
+
+    progress(f"restore: extracting into {pgdata}" + "".join(f", {r}" for r in roots.values()))
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        results = list(pool.map(lambda p: _extract_part(storage, p, pgdata, owner, unchanged), backup.parts))
+        results = list(pool.map(extract, backup.parts))
     written = sum(r[0] for r in results)
     skipped = sum(r[1] for r in results)
     nbytes = sum(r[2] for r in results)
     if request.mode == "delta":
-        _remove_unlisted(pgdata, set().union(*(r[3] for r in results)))
+        for oid, root in [(None, pgdata), *roots.items()]:
+            kept = set().union(*(r[3] for r, p in zip(results, backup.parts, strict=True) if p.tablespace == oid))
+            _remove_unlisted(root, kept)
+    if roots:
+        _write_tablespace_map(pgdata, roots, owner)
 
     manifest_path = pgdata / "backup_manifest"
     manifest_path.write_bytes(manifest)
@@ -381,6 +435,7 @@ def restore(
     progress(f"restore: done; start PostgreSQL on {pgdata} to recover to {plan.target.describe()}")
     return RestoreResult(
         backup_id=backup.id, pgdata=str(pgdata), target=plan.target.describe(), timeline=plan.timeline,
-        settings=settings, files_written=written, files_unchanged=skipped, bytes_written=nbytes,
+        settings=settings, tablespaces={oid: str(root) for oid, root in roots.items()},
+        files_written=written, files_unchanged=skipped, bytes_written=nbytes,
         duration_s=round(time.monotonic() - started, 3),
     )

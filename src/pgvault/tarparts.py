@@ -146,26 +146,6 @@ class TarSplitter:
         stats.sha256 = digest.hexdigest()
 
 
-class ChunkReader:
-    """A file-like view of an iterator of byte chunks (feeds a compressor's stream_reader)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buffer = b""
-
-    def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
-            try:
-                self._buffer += next(self._chunks)
-            except StopIteration:
-                break
-        if size < 0:
-            data, self._buffer = self._buffer, b""
-        else:
-            data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
-
-
 def _safe_target(root: Path, name: str) -> Path:
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts or not path.parts:
@@ -231,7 +211,7 @@ def extract(
                 resolved = PurePosixPath(os.path.normpath(PurePosixPath(member.name).parent / link))
                 if link.is_absolute() or resolved.parts[:1] == ("..",):
                     raise UnsafeArchive(f"backup member {member.name!r} links outside the data directory "
-                                        f"({member.linkname}); tablespaces are not supported")
+                                        f"({member.linkname})")
                 target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 if target.is_symlink() or target.exists():
                     target.unlink()

@@ -133,7 +133,7 @@ def backup_dirs(cluster: Cluster) -> set[str]:
 
 
 def start_backup(cluster: Cluster, *args: str, argv: list[str] | None = None) -> subprocess.Popen[str]:
-    """A backup in its own session, so kill_group reaches runuser, pgvault and pg_basebackup alike."""
+    """A backup in its own session, so kill_group reaches runuser and pgvault alike."""
     cmd = argv or [PGVAULT, "--config", str(cluster.config), "-q", "backup", *args]
     return subprocess.Popen(as_db_user(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd="/tmp", start_new_session=True)
@@ -143,13 +143,14 @@ def sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def backups_waiting_for_archive(cluster: Cluster) -> int:
-    return int(cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'BackupWaitWalArchive'"))
+def backup_streams(cluster: Cluster) -> int:
+    """Base backup streams in progress (pgvault names its replication connection pgvault-backup-<id>)."""
+    return int(cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgvault-backup-%'"))
 
 
 @contextlib.contextmanager
 def archiving_blocked(cluster: Cluster) -> Iterator[None]:
-    """archive_command = 'false': pg_basebackup (-X none) then waits in pg_backup_stop for WAL archiving."""
+    """archive_command = 'false': a backup then streams everything and waits (bounded) for its WAL."""
     original = cluster.sql("SHOW archive_command")
     cluster.sql("ALTER SYSTEM SET archive_command = 'false'")
     cluster.sql("SELECT pg_reload_conf()")
@@ -162,9 +163,10 @@ def archiving_blocked(cluster: Cluster) -> Iterator[None]:
         wait_for(lambda: cluster.sql("SHOW archive_command") == original, "archive_command restored")
 
 
-def pg_basebackup_running(label: str) -> bool:
-    ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True, check=True).stdout
-    return any("pg_basebackup" in line and label in line for line in ps.splitlines())
+def waiting_for_wal(cluster: Cluster, proc: subprocess.Popen[str], backup_dir: Path) -> bool:
+    """The backup streamed its parts, its stream is over, and it still runs: it waits for its WAL."""
+    assert proc.poll() is None, proc.communicate()
+    return any(backup_dir.glob("part-*.tar.zst")) and backup_streams(cluster) == 0
 
 
 def assert_clean_after_next_backup(cluster: Cluster, killed: str, valid_before: list[str]) -> str:
@@ -380,8 +382,7 @@ def _kill(proc: subprocess.Popen[str]) -> None:
 
 def _check_killed(cluster: Cluster, proc: subprocess.Popen[str], killed: str) -> None:
     assert proc.returncode == -9 or proc.returncode == 128 + 9, proc.returncode
-    wait_for(lambda: not pg_basebackup_running(f"pgvault {killed}"), "pg_basebackup to die with its group",
-             timeout=10)
+    wait_for(lambda: backup_streams(cluster) == 0, "the server to end the killed backup's stream", timeout=10)
     killed_dir = cluster.repo / LAYOUT.backup_prefix(killed)
     assert not (killed_dir / "backup.json").exists()
     assert killed not in listed_ids(cluster)
@@ -421,18 +422,20 @@ def test_backup_killed_while_streaming_parts_is_invisible_and_cleaned(big: Clust
 def test_backup_killed_while_server_waits_for_wal_archiving_is_invisible_and_cleaned(big: Cluster) -> None:
     valid = listed_ids(big)
     before = backup_dirs(big)
-    wait_for(lambda: backups_waiting_for_archive(big) == 0, "earlier backups to finish", interval=0.2)
+    wait_for(lambda: backup_streams(big) == 0, "earlier backups to finish", interval=0.2)
     with archiving_blocked(big):
         proc = start_backup(big)
         try:
-            wait_for(lambda: backups_waiting_for_archive(big) == 1, "pg_basebackup to wait for WAL archiving")
             killed = _new_backup_dir(big, before)
-            parts = _settled_parts(big.repo / LAYOUT.backup_prefix(killed))
+            backup_dir = big.repo / LAYOUT.backup_prefix(killed)
+            wait_for(lambda: waiting_for_wal(big, proc, backup_dir), "the backup to wait for its WAL", interval=0.1)
+            parts = _settled_parts(backup_dir)
         finally:
             _kill(proc)
     _check_killed(big, proc, killed)
-    # Every part but the tar stream's tail (which ends only after the WAL wait) was stored.
+    # Every part was stored; only the manifest and the sentinel wait for the WAL.
     assert len(parts) > 5, parts
+    assert not (big.repo / LAYOUT.manifest_key(killed)).exists()
     assert listed_ids(big) == valid
     assert_clean_after_next_backup(big, killed, valid)
 
@@ -480,12 +483,14 @@ def test_backup_killed_after_manifest_before_sentinel_is_invisible_and_cleaned(b
 
 def test_second_concurrent_backup_is_refused_at_once_and_killed_holder_releases_lock(big: Cluster) -> None:
     valid = listed_ids(big)
-    wait_for(lambda: backups_waiting_for_archive(big) == 0, "earlier backups to finish", interval=0.2)
+    wait_for(lambda: backup_streams(big) == 0, "earlier backups to finish", interval=0.2)
+    before = backup_dirs(big)
     with archiving_blocked(big):
         first = start_backup(big)
         try:
-            # The first backup holds the lock and is stuck in pg_basebackup until archiving works again.
-            wait_for(lambda: backups_waiting_for_archive(big) == 1, "the first backup to be running")
+            # The first backup holds the lock and waits for its WAL until archiving works again.
+            first_dir = big.repo / LAYOUT.backup_prefix(_new_backup_dir(big, before))
+            wait_for(lambda: waiting_for_wal(big, first, first_dir), "the first backup to wait for its WAL")
             started = time.monotonic()
             second = big.pgvault("-q", "backup")
             took = time.monotonic() - started
@@ -539,11 +544,13 @@ def test_no_secrets_in_output_process_titles_or_repository(workdir: Path) -> Non
         results["check"] = made.ok("check")
         results["check --json"] = made.ok("check", "--json")
 
-        # A backup (with progress output) whose pg_basebackup is held in place so ps can see it.
+        # A backup (with progress output) held in place while it waits for its WAL, so ps can see it.
+        before = backup_dirs(made)
         with archiving_blocked(made):
             proc = start_backup(made, argv=[PGVAULT, "--config", str(made.config), "backup"])
             try:
-                wait_for(lambda: backups_waiting_for_archive(made) == 1, "pg_basebackup to be running")
+                new_dir = made.repo / LAYOUT.backup_prefix(_new_backup_dir(made, before))
+                wait_for(lambda: waiting_for_wal(made, proc, new_dir), "the backup to wait for its WAL")
                 ps = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True, check=True).stdout
             except BaseException:
                 kill_group(proc)
@@ -553,10 +560,10 @@ def test_no_secrets_in_output_process_titles_or_repository(workdir: Path) -> Non
         assert proc.returncode == 0, stderr
         backup_id = stdout.strip()
 
-        ours = [line for line in ps.splitlines() if "pg_basebackup" in line and f"port={made.pg.port}" in line]
-        assert ours, f"pg_basebackup was not seen in ps: {ps}"
-        assert all(SECRET not in line for line in ours), ours
-        assert all(SECRET not in line for line in ps.splitlines() if str(workdir) in line)
+        ours = [line for line in ps.splitlines() if "backup" in line and str(made.config) in line]
+        assert ours, f"the backup was not seen in ps: {ps}"
+        # No process of any kind shows it: pgvault passes it to libpq, never on a command line.
+        assert all(SECRET not in line for line in ps.splitlines()), [row for row in ps.splitlines() if SECRET in row]
 
         for args in (("list",), ("list", "--json"), ("info",), ("info", "--json"), ("info", backup_id),
                      ("info", backup_id, "--json")):

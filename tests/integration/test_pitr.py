@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -296,7 +297,7 @@ class Writer(threading.Thread):
 
 
 def test_writes_during_the_backup_are_recovered_exactly(cluster: Cluster) -> None:
-    # ~100 MB of filler so pg_basebackup runs for a couple of seconds while the writer commits.
+    # ~100 MB of filler so the backup runs for a couple of seconds while the writer commits.
     cluster.sql("CREATE TABLE filler AS SELECT g, md5(g::text) || md5((g * 7)::text) AS pad "
                 "FROM generate_series(1, 800000) g")
     writer = Writer(cluster.pg)
@@ -329,22 +330,52 @@ def test_writes_during_the_backup_are_recovered_exactly(cluster: Cluster) -> Non
 
 # ---- tablespaces ------------------------------------------------------------------------------------
 
-def test_backup_refuses_a_cluster_with_a_tablespace(cluster: Cluster) -> None:
-    location = cluster.workdir / "tablespace"
+def _tablespace_dir(cluster: Cluster, name: str) -> Path:
+    location = cluster.workdir / name
     location.mkdir()
     chown_to_db_user(location)
+    return location
+
+
+def test_a_cluster_with_a_tablespace_restores_with_it_to_a_mapped_directory(cluster: Cluster) -> None:
+    location = _tablespace_dir(cluster, "ts-original")
     cluster.sql(f"CREATE TABLESPACE ts_extra LOCATION '{location}'")
+    cluster.sql("CREATE TABLE t_ts (batch int NOT NULL, n int NOT NULL) TABLESPACE ts_extra")
+    before = cluster.commit_batches(2, pause=0.3, table="t_ts")
+    backup = json.loads(cluster.ok("-q", "backup", "--json").stdout)
+    assert [t["name"] for t in backup["tablespaces"]] == ["ts_extra"]
+    assert any(p["tablespace"] == backup["tablespaces"][0]["oid"] for p in backup["parts"])
+    marks = cluster.commit_batches(3, pause=0.3, table="t_ts")
+    cluster.flush_archive()
 
-    result = cluster.pgvault("-q", "backup")
-    assert result.returncode == 1, result.out
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert "tablespace" in errors[0] and "ts_extra" in errors[0]
-    assert "Traceback" not in result.out
+    # The original location is in use by the running cluster: refused, and nothing written.
+    target = cluster.workdir / "ts-refused-pgdata"
+    refused = cluster.restore("--target-time", marks[1].between_next.isoformat(), pgdata=target)
+    assert refused.returncode == 1, refused.out
+    assert "ts_extra" in refused.stderr and "--tablespace-map" in refused.stderr
+    assert not target.exists()
 
-    listed = json.loads(cluster.ok("-q", "list", "--json").stdout)
-    assert listed["backups"] == []
-    assert not list((cluster.repo / "test" / "backups").glob("*/*"))
+    mapped = cluster.workdir / "ts-restored"
+    result, restored = cluster.restore_json("--target-time", marks[1].between_next.isoformat(),
+                                            "--tablespace-map", f"ts_extra={mapped}")
+    assert result["tablespaces"] == {backup["tablespaces"][0]["oid"]: str(mapped)}
+    expected = sorted(before.rows_through(1) + marks.rows_through(1))
+    assert rows_of(restored, "t_ts") == expected
+    # The table really lives in the mapped directory, not in the original one.
+    assert restored.psql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts_extra'") \
+        == str(mapped)
+    assert any(mapped.rglob("PG_15_*"))
+
+
+def test_tablespace_map_must_name_a_tablespace_of_the_backup(cluster: Cluster) -> None:
+    cluster.backup()
+    cluster.commit_batches(1)
+    cluster.flush_archive()
+    target = cluster.workdir / "no-such-ts"
+    result = cluster.restore("--tablespace-map", f"nope={cluster.workdir / 'x'}", pgdata=target)
+    assert result.returncode == 2, result.out
+    assert "--tablespace-map nope" in result.stderr and "no such tablespace" in result.stderr
+    assert not target.exists()
 
 
 # ---- timelines ---------------------------------------------------------------------------------------
@@ -384,3 +415,23 @@ def test_restore_follows_a_new_timeline_archived_by_a_promoted_copy(cluster: Clu
     assert refused.returncode == 1, refused.out
     assert "timeline 7" in refused.stderr
     assert not missing.exists() or not any(missing.iterdir())
+
+
+def test_in_place_restore_with_force_brings_back_the_tablespace_at_its_original_location(cluster: Cluster) -> None:
+    location = _tablespace_dir(cluster, "ts-in-place")
+    cluster.sql(f"CREATE TABLESPACE ts_home LOCATION '{location}'")
+    cluster.sql("CREATE TABLE t_home (batch int NOT NULL, n int NOT NULL) TABLESPACE ts_home")
+    cluster.backup()
+    marks = cluster.commit_batches(3, pause=0.3, table="t_home")
+    cluster.flush_archive()
+    # The disaster: a bad batch 3, then the server is stopped and restored in place.
+    cluster.pg.stop()
+    result = cluster.restore("--force", "--target-time", marks[1].between_next.isoformat(), pgdata=cluster.pg.pgdata)
+    assert result.returncode == 0, result.out
+    _oid, mapped_to = (cluster.pg.pgdata / "tablespace_map").read_text().split()
+    assert mapped_to == str(location)
+    cluster.pg.start()
+    cluster.pg.wait_promoted()
+    assert rows_of(cluster.pg, "t_home") == marks.rows_through(1)
+    assert cluster.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts_home'") \
+        == str(location)

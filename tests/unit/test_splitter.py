@@ -9,7 +9,8 @@ import tarfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgvault.tarparts import ChunkReader, TarSplitter
+from pgvault.streams import ChunkReader
+from pgvault.tarparts import TarSplitter
 
 
 def _tar(files: list[tuple[str, bytes]], manifest: bytes | None = b'{"WAL-Ranges": []}') -> bytes:
@@ -72,3 +73,18 @@ def test_backup_label_is_kept_in_its_part_and_also_captured() -> None:
     with tarfile.open(fileobj=io.BytesIO(parts[0]), mode="r:") as archive:
         assert archive.extractfile("backup_label").read() == label
         assert "backup_manifest" not in archive.getnames()
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=300), max_size=30),
+       sizes=st.lists(st.integers(min_value=1, max_value=500), min_size=1, max_size=20))
+def test_chunk_reader_returns_every_byte_once_in_order_whatever_the_read_sizes(chunks, sizes) -> None:
+    reader = ChunkReader(iter(chunks))
+    out = bytearray()
+    for size in sizes * 10:
+        data = reader.read(size)
+        assert len(data) <= size
+        out += data
+    out += reader.read()
+    assert bytes(out) == b"".join(chunks)
+    assert reader.read(10) == b""

@@ -1,59 +1,154 @@
-"""Running pg_basebackup as a tar stream on stdout, and reading what it says about the backup."""
+"""Taking a base backup over the replication protocol, and reading what the server says about it."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
 from pgvault.errors import IntegrityError, PostgresError
 from pgvault.pg.wal import Lsn
 from pgvault.redaction import redact
+from pgvault.streams import ChunkReader
 
 
-def split_password(conninfo: str) -> tuple[str, str | None]:
-    """Move a password out of the conninfo: it goes to PGPASSWORD, never into argv (ps shows argv)."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    params = conninfo_to_dict(conninfo)
-    password = params.pop("password", None)
-    return make_conninfo(**{k: str(v) for k, v in params.items()}), (str(password) if password else None)
+@dataclass(frozen=True)
+class Tablespace:
+    oid: str
+    location: str
 
 
-def start(
-    conninfo: str, *, label: str, checkpoint: str, application_name: str, binary: str = "pg_basebackup"
-) -> subprocess.Popen[bytes]:
-    from psycopg.conninfo import make_conninfo
+class BaseBackupSession:
+    """BASE_BACKUP over a replication connection: one tar archive per tablespace, then the manifest.
 
-    safe_conninfo, password = split_password(conninfo)
-    # A name of our own, so the watchdog can find this backup's walsender in pg_stat_activity.
-    safe_conninfo = make_conninfo(safe_conninfo, application_name=application_name)
-    env = dict(os.environ)
-    if password:
-        env["PGPASSWORD"] = password
-    cmd = [
-        binary, "--pgdata=-", "--format=tar", "--wal-method=none",
-        f"--checkpoint={checkpoint}", "--manifest-checksums=SHA256", f"--label={label}",
-        "--no-password", f"--dbname={safe_conninfo}",
-    ]
-    try:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    except FileNotFoundError:
-        raise PostgresError(f"{binary} not found (is the PostgreSQL client installed, postgres.bindir right?)",
-                            hint="install the PostgreSQL client package (postgresql-client-15)") from None
+    This replaces a pg_basebackup subprocess: with `--pgdata=-` it can only stream a cluster without
+    tablespaces, it waits without limit for WAL archiving, and it takes the conninfo on its command
+    line. Here each tablespace arrives as its own archive in one stream, the server does not wait
+    (WAIT false: pgvault waits, bounded, for the WAL in the repository), and the password stays in libpq.
+    """
 
+    def __init__(self, conninfo: str, *, application_name: str) -> None:
+        from psycopg import pq
+        from psycopg.conninfo import make_conninfo
 
-def finish(proc: subprocess.Popen[bytes]) -> None:
-    assert proc.stderr is not None
-    err = proc.stderr.read().decode(errors="replace")
-    rc = proc.wait()
-    if rc != 0:
-        lines = [line for line in err.strip().splitlines() if line.strip()]
-        detail = redact(lines[-1] if lines else f"exit code {rc}")
-        raise PostgresError(f"pg_basebackup failed: {detail}")
+        self._pq = pq
+        dsn = make_conninfo(conninfo, replication="database", application_name=application_name)
+        self._conn = pq.PGconn.connect(dsn.encode())
+        if self._conn.status != pq.ConnStatus.OK:
+            message = redact(self._conn.get_error_message().strip().splitlines()[0] if
+                             self._conn.get_error_message().strip() else "connection failed")
+            self._conn.finish()
+            raise PostgresError(f"cannot open a replication connection: {message}",
+                                hint="the role needs REPLICATION (or superuser) and a pg_hba.conf line for "
+                                "'replication' connections")
+        self._pending: bytes | None = None  # the first message of the next archive or the manifest
+        self._copy_done = False
+        self.start_lsn: Lsn | None = None
+        self.start_timeline = 0
+        self.end_lsn: Lsn | None = None
+        self.end_timeline = 0
+        self.tablespaces: list[Tablespace] = []
+        self.manifest = b""
+
+    def close(self) -> None:
+        self._conn.finish()
+
+    def _error(self, what: str) -> PostgresError:
+        detail = redact(self._conn.get_error_message().strip() or "unknown error")
+        return PostgresError(f"{what}: {detail.splitlines()[0]}")
+
+    def _result(self, expected: object) -> object:
+        res = self._conn.get_result()
+        if res is None or res.status != expected:
+            message = res.get_error_message().strip() if res is not None else ""
+            raise PostgresError(f"base backup failed: {redact(message.splitlines()[0]) if message else 'no result'}")
+        return res
+
+    def start(self, *, label: str, fast_checkpoint: bool) -> None:
+        quoted = label.replace("'", "''")
+        command = (f"BASE_BACKUP (LABEL '{quoted}', CHECKPOINT '{'fast' if fast_checkpoint else 'spread'}', "
+                   "MANIFEST 'yes', MANIFEST_CHECKSUMS 'SHA256', WAIT false, TABLESPACE_MAP true)")
+        try:
+            self._conn.send_query(command.encode())
+        except Exception:  # psycopg's pq raises OperationalError with libpq's message
+            raise self._error("base backup failed to start") from None
+        tuples = self._pq.ExecStatus.TUPLES_OK
+        res = self._result(tuples)
+        self.start_lsn = Lsn.parse(res.get_value(0, 0).decode())  # type: ignore[attr-defined]
+        self.start_timeline = int(res.get_value(0, 1).decode())  # type: ignore[attr-defined]
+        res = self._result(tuples)
+        for row in range(res.ntuples):  # type: ignore[attr-defined]
+            oid = res.get_value(row, 0)  # type: ignore[attr-defined]
+            if oid is not None:  # the row with NULLs is the main data directory
+                self.tablespaces.append(Tablespace(oid.decode(), res.get_value(row, 1).decode()))  # type: ignore[attr-defined]
+        self._result(self._pq.ExecStatus.COPY_OUT)
+
+    def _next_message(self) -> bytes | None:
+        if self._pending is not None:
+            message, self._pending = self._pending, None
+            return message
+        if self._copy_done:
+            return None
+        try:
+            size, data = self._conn.get_copy_data(0)
+        except Exception:  # psycopg's pq raises OperationalError with libpq's message
+            raise self._error("base backup stream failed") from None
+        if size == -1:
+            self._copy_done = True
+            return None
+        if size == -2:
+            raise self._error("base backup stream failed")
+        return bytes(data)
+
+    def _next_data(self) -> bytes | None:
+        """The next data chunk of the current archive; None at its end (the next archive or manifest)."""
+        while True:
+            message = self._next_message()
+            if message is None:
+                return None
+            kind = message[:1]
+            if kind == b"d":
+                return message[1:]
+            if kind == b"p":  # progress report
+                continue
+            self._pending = message  # 'n' (new archive) or 'm' (manifest) belongs to the next reader
+            return None
+
+    def archives(self) -> Iterator[tuple[str, str | None, ChunkReader]]:
+        """(archive name, tablespace location or None for the data directory, reader), in stream order.
+
+        Read each archive to its end before asking for the next.
+        """
+        while True:
+            message = self._next_message()
+            if message is None:
+                return
+            kind = message[:1]
+            if kind == b"n":
+                fields = message[1:].split(b"\0")
+                name, location = fields[0].decode(), fields[1].decode() if len(fields) > 1 else ""
+                reader = ChunkReader(iter(self._next_data, None))
+                yield name, location or None, reader
+                while reader.read(1 << 20):  # drain whatever the consumer left
+                    pass
+            elif kind == b"m":
+                chunks = []
+                while (chunk := self._next_data()) is not None:
+                    chunks.append(chunk)
+                self.manifest = b"".join(chunks)
+            elif kind != b"p":
+                raise PostgresError(f"base backup stream sent an unknown message type {kind!r}")
+
+    def finish(self) -> None:
+        tuples = self._pq.ExecStatus.TUPLES_OK
+        res = self._result(tuples)
+        self.end_lsn = Lsn.parse(res.get_value(0, 0).decode())  # type: ignore[attr-defined]
+        self.end_timeline = int(res.get_value(0, 1).decode())  # type: ignore[attr-defined]
+        self._result(self._pq.ExecStatus.COMMAND_OK)
+        while self._conn.get_result() is not None:
+            pass
 
 
 @dataclass(frozen=True)
@@ -77,7 +172,7 @@ def parse_label(data: bytes) -> BackupLabel:
     checkpoint = _LABEL_CHECKPOINT.search(text)
     timeline = _LABEL_TIMELINE.search(text)
     if not (start and checkpoint and timeline):
-        raise IntegrityError("the backup_label pg_basebackup sent is not one pgvault can read")
+        raise IntegrityError("the backup_label the server sent is not one pgvault can read")
     started = _LABEL_TIME.search(text)
     start_time = None
     if started:
@@ -103,4 +198,4 @@ def manifest_wal_ranges(data: bytes) -> list[WalRange]:
         return [WalRange(int(r["Timeline"]), Lsn.parse(r["Start-LSN"]), Lsn.parse(r["End-LSN"]))
                 for r in manifest["WAL-Ranges"]]
     except (ValueError, KeyError, TypeError):
-        raise IntegrityError("the backup_manifest pg_basebackup sent has no readable WAL-Ranges") from None
+        raise IntegrityError("the backup_manifest the server sent has no readable WAL-Ranges") from None

@@ -37,7 +37,6 @@ class ServerFacts:
     archive_command: str
     in_recovery: bool
     data_directory: str
-    tablespaces: list[str]
 
 
 def server_facts(conn: psycopg.Connection) -> ServerFacts:
@@ -48,9 +47,7 @@ def server_facts(conn: psycopg.Connection) -> ServerFacts:
             " (SELECT setting::bigint * (CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 WHEN 'MB' THEN 1048576"
             "   ELSE 1 END) FROM pg_settings WHERE name = 'wal_segment_size'),"
             " current_setting('wal_level'), current_setting('archive_mode'),"
-            " current_setting('archive_command'), pg_is_in_recovery(), current_setting('data_directory'),"
-            " ARRAY(SELECT spcname FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')"
-            "       ORDER BY spcname)"
+            " current_setting('archive_command'), pg_is_in_recovery(), current_setting('data_directory')"
         )
         row = cur.fetchone()
     except psycopg.Error as exc:
@@ -59,4 +56,4 @@ def server_facts(conn: psycopg.Connection) -> ServerFacts:
                             "and REPLICATION") from None
     assert row is not None
     return ServerFacts(str(row[0]), int(row[1]), int(row[2]), str(row[3]), str(row[4]), str(row[5]),
-                       bool(row[6]), str(row[7]), list(row[8]))
+                       bool(row[6]), str(row[7]))
