@@ -14,7 +14,9 @@ from pgvault.errors import PostgresError, RepositoryError
 from pgvault.pg.conn import ServerFacts, connect, server_facts
 from pgvault.repo.base import Storage
 
-MIN_VERSION = 130000  # backup manifests (the checksums pgvault keeps) arrived in PostgreSQL 13
+# PostgreSQL 15 brought the BASE_BACKUP option syntax and the single-stream archive protocol pgvault
+# speaks (13 and 14 send one COPY per tablespace with another syntax).
+MIN_VERSION = 150000
 
 
 @dataclass
@@ -42,7 +44,7 @@ def _archive_warnings(facts: ServerFacts) -> list[str]:
 
 def _require_usable(facts: ServerFacts) -> None:
     if facts.version_num < MIN_VERSION:
-        raise PostgresError(f"PostgreSQL {facts.version_num // 10000} is too old; pgvault needs 13 or later")
+        raise PostgresError(f"PostgreSQL {facts.version_num // 10000} is too old; pgvault needs 15 or later")
     if facts.wal_level == "minimal":
         raise PostgresError("wal_level is minimal, which cannot be archived or backed up",
                             hint="set wal_level=replica and restart PostgreSQL")
