@@ -186,8 +186,7 @@ def measured(workdir: Path, config: Path, *args: str) -> tuple[str, float, float
     """Run `pgvault ARGS`; return (its stdout, wall seconds, peak RSS of the pgvault process in MiB).
 
     runuser forks the command and waits for it, so the measuring layer sits inside runuser, right above
-    pgvault. ru_maxrss is a maximum over the process and its waited-for children (pg_basebackup, a few
-    MiB), never their sum.
+    pgvault. ru_maxrss is a maximum over the process and its waited-for children, never their sum.
     """
     rss_file = workdir / "peak-rss-kib"
     command = [PGVAULT, "--config", str(config), "-q", *args]

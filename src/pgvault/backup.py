@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from pgvault import __version__
 from pgvault.catalog import BackupRecord, Catalog, PartRecord, StoredObject, TablespaceRecord
+from pgvault.cluster import MIN_VERSION
 from pgvault.config import Policy
 from pgvault.errors import ObjectExists, PostgresError, RepositoryError
 from pgvault.pg import basebackup
@@ -89,6 +90,8 @@ def run_backup(
                 f"repository is system {info.system_id}",
                 hint="point postgres.conninfo at the right server, or use another cluster name",
             )
+        if facts.version_num < MIN_VERSION:
+            raise PostgresError(f"PostgreSQL {facts.version_num // 10000} is too old; pgvault backs up 15 or later")
         if facts.archive_mode == "off" or facts.wal_level == "minimal":
             raise PostgresError(
                 "the server does not archive WAL (archive_mode=off or wal_level=minimal), so a backup "
@@ -134,7 +137,7 @@ def run_backup(
             timeline=stop_range.timeline, start_lsn=str(label.start_lsn), stop_lsn=str(stop_range.end),
             checkpoint_lsn=str(label.checkpoint_lsn), start_time=started, stop_time=stop_time,
             start_wal=first_seg.name, stop_wal=last_seg.name, next_xid=next_xid,
-            label=f"pgvault {backup_id}", parts=parts,
+            label=f"pgvault {backup_id}", parts=parts, data_directory=facts.data_directory,
             tablespaces=[TablespaceRecord(oid=t.oid, name=names.get(t.oid, t.oid), location=t.location)
                          for t in tablespaces],
             manifest=StoredObject(key=catalog.layout.manifest_key(backup_id), size=manifest_meta.size,

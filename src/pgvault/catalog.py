@@ -70,6 +70,7 @@ class BackupRecord(_Record):
     label: str
     parts: list[PartRecord]
     tablespaces: list[TablespaceRecord] = []
+    data_directory: str | None = None  # where the backed-up cluster lived (guards tablespace restores)
     manifest: StoredObject
     raw_size: int
     stored_size: int

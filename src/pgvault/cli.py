@@ -366,9 +366,12 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
                     "checkpoint_lsn", "start_wal", "stop_wal", "next_xid", "raw_size", "stored_size", "duration_s",
                     "annotations", "pgvault_version"):
             click.echo(f"{key:<16} {data[key]}")
+        for space in record.tablespaces:
+            click.echo(f"{'tablespace':<16} {space.name} (OID {space.oid}) at {space.location}")
         click.echo(f"{'parts':<16} {len(record.parts)}")
         for part in record.parts:
-            click.echo(f"  {part.key}  {part.raw_size} raw  {part.size} stored  sha256 {part.sha256}")
+            where = f"  tablespace {part.tablespace}" if part.tablespace else ""
+            click.echo(f"  {part.key}  {part.raw_size} raw  {part.size} stored  sha256 {part.sha256}{where}")
         return
     from pgvault.recoverable import Recoverable
 

@@ -341,6 +341,14 @@ def tablespace_roots(backup: BackupRecord, request: RestoreRequest, pgdata: Path
             raise UsageError(f"two tablespaces would be restored to {root}", hint="map each to its own directory")
         if root.exists() and not root.is_dir():
             raise DataDirectoryInUse(f"tablespace {space.name}'s directory {root} exists and is not a directory")
+        original = mapped is None and backup.data_directory and pgdata != Path(backup.data_directory)
+        if original and request.mode != "new" and root.exists() and any(root.iterdir()):
+            # --force/--delta on a copy beside the original would wipe the live cluster's tablespace.
+            raise DataDirectoryInUse(
+                f"tablespace {space.name} would be restored over its original directory {root}, but --pgdata is "
+                f"not the original data directory ({backup.data_directory})",
+                hint=f"if that is meant, say so: --tablespace-map {space.name}={root}; else map it elsewhere",
+            )
         if request.mode == "new" and root.exists() and any(root.iterdir()):
             raise DataDirectoryInUse(
                 f"tablespace {space.name}'s directory {root} is not empty",

@@ -435,3 +435,23 @@ def test_in_place_restore_with_force_brings_back_the_tablespace_at_its_original_
     assert rows_of(cluster.pg, "t_home") == marks.rows_through(1)
     assert cluster.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts_home'") \
         == str(location)
+
+
+def test_force_into_a_copy_never_wipes_the_live_clusters_tablespace(cluster: Cluster) -> None:
+    location = _tablespace_dir(cluster, "ts-live")
+    cluster.sql(f"CREATE TABLESPACE ts_live LOCATION '{location}'")
+    cluster.sql("CREATE TABLE t_live (batch int NOT NULL, n int NOT NULL) TABLESPACE ts_live")
+    cluster.backup()
+    cluster.commit_batches(1, table="t_live")
+    cluster.flush_archive()
+    before = sorted(str(p) for p in location.rglob("*"))
+    copy = cluster.workdir / "copy-pgdata"
+    copy.mkdir()
+    chown_to_db_user(copy)
+    for flag in ("--force", "--delta"):
+        result = cluster.restore(flag, pgdata=copy)
+        assert result.returncode == 1, result.out
+        assert "ts_live" in result.stderr and "--tablespace-map" in result.stderr
+    assert sorted(str(p) for p in location.rglob("*")) == before
+    assert list(copy.iterdir()) == []
+    assert rows_of(cluster.pg, "t_live") == [(1, n) for n in range(1, 6)]

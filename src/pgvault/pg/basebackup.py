@@ -41,8 +41,8 @@ class BaseBackupSession:
                              self._conn.get_error_message().strip() else "connection failed")
             self._conn.finish()
             raise PostgresError(f"cannot open a replication connection: {message}",
-                                hint="the role needs REPLICATION (or superuser) and a pg_hba.conf line for "
-                                "'replication' connections")
+                                hint="the role needs REPLICATION (or superuser), a pg_hba.conf line for the "
+                                "conninfo's database, and a free max_wal_senders slot")
         self._pending: bytes | None = None  # the first message of the next archive or the manifest
         self._copy_done = False
         self.start_lsn: Lsn | None = None

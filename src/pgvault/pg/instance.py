@@ -3,7 +3,7 @@
 Used by `pgvault demo`, by DR drills (start a restored data directory and check it) and by the test
 fixtures. Every instance listens on 127.0.0.1 only and has Unix-domain sockets disabled: socket paths are
 limited to ~107 bytes (deep temp dirs break them) and the Debian default /var/run/postgresql may be missing
-or not writable, while TCP on loopback always works for psycopg, psql and pg_basebackup alike.
+or not writable, while TCP on loopback always works for psycopg and psql alike.
 
 initdb, pg_ctl and postgres refuse to run as root, so when we are root they run as the `postgres` OS user
 and every path they touch is chowned to it.
