@@ -643,3 +643,47 @@ def test_wal_fetch_from_a_missing_repository_stops_recovery_instead_of_ending_it
         assert result.returncode == 255, result.out
         assert "not mounted, or the wrong repository" in result.stderr
         assert not dest.exists()
+
+
+def test_server_dying_mid_backup_fails_it_cleanly_and_the_next_backup_succeeds(workdir: Path) -> None:
+    victim = new_cluster(workdir, name="victim", backup={"part_size": "1MiB"})
+    try:
+        victim.sql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 500000) g")
+        before = backup_dirs(victim)
+        proc = start_backup(victim)
+        try:
+            _new_backup_dir(victim, before)  # streaming has begun
+            victim.pg.stop(mode="immediate")
+            _out, err = proc.communicate(timeout=120)
+        finally:
+            kill_group(proc)
+        assert proc.returncode == 1, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert "error: unexpected" not in err, err  # the marker of an unhandled exception
+        assert listed_ids(victim) == []
+        victim.pg.start()
+        new_id = victim.backup()
+        assert listed_ids(victim) == [new_id]
+        assert backup_dirs(victim) == {new_id}
+    finally:
+        victim.pg.stop(mode="immediate")
+
+
+def test_push_into_an_unwritable_repository_fails_and_stores_nothing(archiving: Cluster) -> None:
+    name = fresh_segment(archiving)
+    source = fetch_to(archiving, name, scratch_dir(archiving, "push-readonly"))
+    config = side_repository(archiving, "repo-readonly")
+    repo = archiving.workdir / "repo-readonly"
+    wal_dir = repo / LAYOUT.wal_prefix
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    chown_to_db_user(wal_dir)
+    wal_dir.chmod(0o555)  # the database user may read but not write here
+    try:
+        result = run_pgvault("wal-push", str(source), config=config)
+    finally:
+        wal_dir.chmod(0o755)
+    # PostgreSQL keeps the segment and retries: a plain failure, said in one line.
+    assert result.returncode == 1, result.out
+    assert "cannot write" in result.stderr and "Traceback" not in result.out
+    assert not object_path(repo, LAYOUT.wal_key(name)).exists()
