@@ -409,6 +409,8 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
               help="off: the restored server does not archive (scratch copies, drills).")
 @click.option("--tablespace-map", "tablespace_map", type=Parsed("NAME=DIR", _tablespace_mapping), multiple=True,
               help="Restore tablespace NAME (or OID) into DIR instead of its original place (repeatable).")
+@click.option("--dry-run", is_flag=True,
+              help="Check everything (directory, target, every part's checksum) and show the plan; write nothing.")
 @click.option("--delta", is_flag=True, help="Reuse files in --pgdata that match the backup; remove the rest.")
 @click.option("--force", is_flag=True, help="Delete everything in --pgdata first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -416,7 +418,8 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
 def restore(ctx: Context, pgdata: Path, backup_id: str | None, target_time: datetime | None, target_lsn: Any,
             target_xid: int | None, target_name: str | None, target_immediate: str | None, target_action: str,
             target_timeline: Any, target_exclusive: bool, archive_mode: str,
-            tablespace_map: tuple[tuple[str, Path], ...], delta: bool, force: bool, as_json: bool) -> None:
+            tablespace_map: tuple[tuple[str, Path], ...], dry_run: bool, delta: bool, force: bool,
+            as_json: bool) -> None:
     """Restore a backup into --pgdata and set it up to recover to a target.
 
     Without a target, recovery replays all archived WAL. Afterwards `pg_ctl -D DIR start`
@@ -447,11 +450,20 @@ def restore(ctx: Context, pgdata: Path, backup_id: str | None, target_time: date
     request = RestoreRequest(pgdata=pgdata, target=target, backup_id=backup_id,
                              archive_mode=archive_mode,  # type: ignore[arg-type]
                              mode="delta" if delta else "force" if force else "new",
-                             config_path=ctx.policy_path(), tablespace_map=dict(tablespace_map))
+                             config_path=ctx.policy_path(), tablespace_map=dict(tablespace_map),
+                             dry_run=dry_run)
     result = run_restore(storage, policy, request, waldump=_waldump(policy, cluster.pg_version),
                          progress=ctx.progress)
     if as_json:
         _emit_json(result.as_dict())
+        return
+    if result.dry_run:
+        click.echo(f"dry run: would restore backup {result.backup_id} into {result.pgdata} "
+                   f"(timeline {result.timeline}); every check passed, nothing was written")
+        for oid, directory in result.tablespaces.items():
+            click.echo(f"  tablespace {oid} -> {directory}")
+        for name, value in result.settings.items():
+            click.echo(f"  {name} = {value!r}")
         return
     click.echo(f"restored backup {result.backup_id} into {result.pgdata} ({result.files_written} files written, "
                f"{result.files_unchanged} unchanged, {result.duration_s:.1f}s)")

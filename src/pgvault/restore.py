@@ -40,6 +40,8 @@ class RestoreRequest:
     archive_mode: Literal["preserve", "off"] = "preserve"
     mode: Literal["new", "delta", "force"] = "new"
     config_path: Path | None = None
+    # Check everything (data directory, target, every part's checksum) and report the plan; write nothing.
+    dry_run: bool = False
     # Tablespace name or OID -> where to restore it; unmapped tablespaces go back to their original place.
     tablespace_map: dict[str, Path] = field(default_factory=dict)
 
@@ -56,6 +58,7 @@ class RestoreResult:
     files_unchanged: int
     bytes_written: int
     duration_s: float
+    dry_run: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -388,6 +391,17 @@ def restore(
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(pool.map(lambda p: verify_object(storage, p), backup.parts))
     manifest = _read_manifest(storage, backup.manifest)
+    assert request.config_path is not None
+    settings = recovery.recovery_settings(plan.target, recovery.restore_command(request.config_path),
+                                          archive_off=request.archive_mode == "off")
+    if request.dry_run:
+        progress("restore: dry run; every check passed and nothing was written")
+        return RestoreResult(
+            backup_id=backup.id, pgdata=str(pgdata), target=plan.target.describe(), timeline=plan.timeline,
+            settings=settings, tablespaces={oid: str(root) for oid, root in roots.items()},
+            files_written=0, files_unchanged=0, bytes_written=0,
+            duration_s=round(time.monotonic() - started, 3), dry_run=True,
+        )
 
     owner = _owner_for(pgdata)
     for directory in (pgdata, *roots.values()):
@@ -435,9 +449,6 @@ def restore(
         if owner is not None:
             os.chown(pgdata / empty, *owner)
 
-    assert request.config_path is not None
-    settings = recovery.recovery_settings(plan.target, recovery.restore_command(request.config_path),
-                                          archive_off=request.archive_mode == "off")
     recovery.write_recovery(pgdata, settings)
     os.sync()
     progress(f"restore: done; start PostgreSQL on {pgdata} to recover to {plan.target.describe()}")

@@ -455,3 +455,25 @@ def test_force_into_a_copy_never_wipes_the_live_clusters_tablespace(cluster: Clu
     assert sorted(str(p) for p in location.rglob("*")) == before
     assert list(copy.iterdir()) == []
     assert rows_of(cluster.pg, "t_live") == [(1, n) for n in range(1, 6)]
+
+
+def test_dry_run_checks_everything_reports_the_plan_and_writes_nothing(cluster: Cluster) -> None:
+    first = cluster.backup()
+    marks = cluster.commit_batches(2)
+    cluster.flush_archive()
+    target = cluster.workdir / "dry-run-target"
+    result = cluster.restore("--dry-run", "--json", "--target-time", marks[0].between_next.isoformat(), pgdata=target)
+    assert result.returncode == 0, result.out
+    plan = json.loads(result.stdout)
+    assert plan["dry_run"] is True and plan["backup_id"] == first and plan["files_written"] == 0
+    assert plan["settings"]["recovery_target_time"] == marks[0].between_next.isoformat(sep=" ")
+    assert not target.exists()
+
+    # The same checks as a real restore: a damaged part is found without writing anything.
+    part = next((cluster.repo / "test" / "backups" / first).glob("part-*.tar.zst"))
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    damaged = cluster.restore("--dry-run", pgdata=target)
+    assert damaged.returncode == 1 and part.name in damaged.stderr, damaged.out
+    assert not target.exists()
