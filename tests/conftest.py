@@ -118,6 +118,13 @@ class Cluster:
         """Switch WAL and wait until that segment is in the repository (pgvault check does exactly that)."""
         self.ok("-q", "check")
 
+    def db_user_dir(self, name: str) -> Path:
+        """A new empty directory in the workdir that the database user owns."""
+        path = self.workdir / name
+        path.mkdir()
+        chown_to_db_user(path)
+        return path
+
     # SQL ----------------------------------------------------------------------------------
     def sql(self, sql: str) -> str:
         return self.pg.psql(sql)

@@ -59,14 +59,6 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60, inter
         time.sleep(interval)
 
 
-def scratch_dir(cluster: Cluster, name: str) -> Path:
-    """An empty directory the database user can write (wal-fetch and wal-push run as that user)."""
-    path = cluster.workdir / name
-    path.mkdir()
-    chown_to_db_user(path)
-    return path
-
-
 def fresh_segment(cluster: Cluster) -> str:
     """Write something, switch WAL and wait until that segment is archived; return its name."""
     cluster.commit_batch(1)
@@ -212,7 +204,7 @@ def side_repository(cluster: Cluster, name: str) -> Path:
 
 def test_same_segment_pushed_twice_succeeds_and_stores_one_object(archiving: Cluster) -> None:
     name = fresh_segment(archiving)
-    source = fetch_to(archiving, name, scratch_dir(archiving, "push-twice"))
+    source = fetch_to(archiving, name, archiving.db_user_dir("push-twice"))
     config = side_repository(archiving, "repo-twice")
     repo = archiving.workdir / "repo-twice"
     key = LAYOUT.wal_key(name)
@@ -226,7 +218,7 @@ def test_same_segment_pushed_twice_succeeds_and_stores_one_object(archiving: Clu
     assert sorted(p.name for p in object_path(repo, key).parent.iterdir()) == [f"{name}.zst", f"{name}.zst.meta"]
 
     # What was stored is what was pushed.
-    got = scratch_dir(archiving, "push-twice-check") / name
+    got = archiving.db_user_dir("push-twice-check") / name
     assert run_pgvault("wal-fetch", name, str(got), config=config).returncode == 0
     assert got.read_bytes() == source.read_bytes()
 
@@ -239,8 +231,8 @@ def test_same_segment_pushed_twice_succeeds_and_stores_one_object(archiving: Clu
 
 def test_different_content_under_archived_name_fails_loudly_and_changes_nothing(archiving: Cluster) -> None:
     name = fresh_segment(archiving)
-    original = fetch_to(archiving, name, scratch_dir(archiving, "conflict-orig")).read_bytes()
-    impostor = write_as_db_user(scratch_dir(archiving, "conflict") / name, altered(original))
+    original = fetch_to(archiving, name, archiving.db_user_dir("conflict-orig")).read_bytes()
+    impostor = write_as_db_user(archiving.db_user_dir("conflict") / name, altered(original))
     key = LAYOUT.wal_key(name)
     before = object_state(archiving.repo, key)
 
@@ -251,7 +243,7 @@ def test_different_content_under_archived_name_fails_loudly_and_changes_nothing(
     assert object_state(archiving.repo, key) == before
     assert temp_files(object_path(archiving.repo, key).parent) == []
     assert impostor.read_bytes() == altered(original), "pgvault must leave PostgreSQL's file alone"
-    restored = fetch_to(archiving, name, scratch_dir(archiving, "conflict-after"))
+    restored = fetch_to(archiving, name, archiving.db_user_dir("conflict-after"))
     assert restored.read_bytes() == original
 
 
@@ -259,8 +251,8 @@ def test_history_file_is_never_replaced_by_other_content(archiving: Cluster) -> 
     config = side_repository(archiving, "repo-history")
     repo = archiving.workdir / "repo-history"
     name = "00000002.history"
-    first = write_as_db_user(scratch_dir(archiving, "history-a") / name, b"1\t0/3000000\tno recovery target\n")
-    other = write_as_db_user(scratch_dir(archiving, "history-b") / name, b"1\t0/5000000\tno recovery target\n")
+    first = write_as_db_user(archiving.db_user_dir("history-a") / name, b"1\t0/3000000\tno recovery target\n")
+    other = write_as_db_user(archiving.db_user_dir("history-b") / name, b"1\t0/5000000\tno recovery target\n")
     key = LAYOUT.wal_key(name)
 
     assert run_pgvault("wal-push", str(first), config=config).returncode == 0
@@ -288,7 +280,7 @@ def test_segment_of_another_system_is_refused_and_nothing_stored(archiving: Clus
     listing = sorted(p.name for p in wal_dir.iterdir())
     renamed = "0000000100000000000000E0"  # a name never archived here
     for attempt_name in (name, renamed):
-        pushed = write_as_db_user(scratch_dir(archiving, f"foreign-{attempt_name}") / attempt_name, data)
+        pushed = write_as_db_user(archiving.db_user_dir(f"foreign-{attempt_name}") / attempt_name, data)
         result = archiving.pgvault("wal-push", str(pushed))
         assert_archive_command_failed(result)
         assert attempt_name in result.stderr
@@ -302,16 +294,16 @@ def test_segment_of_another_system_is_refused_and_nothing_stored(archiving: Clus
 
 def test_partial_segment_with_different_content_never_blocks(archiving: Cluster) -> None:
     name = fresh_segment(archiving)
-    data = fetch_to(archiving, name, scratch_dir(archiving, "partial-src")).read_bytes()
+    data = fetch_to(archiving, name, archiving.db_user_dir("partial-src")).read_bytes()
     partial = f"{name}.partial"
     segment_before = object_state(archiving.repo, LAYOUT.wal_key(name))
 
     versions = [data, altered(data), altered(data)[:-2] + b"\x07\x07"]
     for n, content in enumerate(versions):
-        path = write_as_db_user(scratch_dir(archiving, f"partial-{n}") / partial, content)
+        path = write_as_db_user(archiving.db_user_dir(f"partial-{n}") / partial, content)
         result = archiving.pgvault("wal-push", str(path))
         assert result.returncode == 0, f"push {n} of {partial} failed:\n{result.out}"
-        fetched = fetch_to(archiving, partial, scratch_dir(archiving, f"partial-{n}-check"))
+        fetched = fetch_to(archiving, partial, archiving.db_user_dir(f"partial-{n}-check"))
         assert fetched.read_bytes() == content
     assert object_state(archiving.repo, LAYOUT.wal_key(name)) == segment_before
 
@@ -334,7 +326,7 @@ def test_flipped_byte_in_backup_part_fails_restore_before_writing(archiving: Clu
     assert "Traceback" not in result.out
     assert not missing.exists()
 
-    empty = scratch_dir(archiving, "restore-damaged-empty")
+    empty = archiving.db_user_dir("restore-damaged-empty")
     result = archiving.pgvault("restore", "--pgdata", str(empty))
     assert result.returncode == 1, result.out
     assert damaged in result.stderr
@@ -345,7 +337,7 @@ def test_flipped_byte_in_wal_object_stops_wal_fetch_and_missing_segment_is_silen
     name = fresh_segment(archiving)
     key = LAYOUT.wal_key(name)
     flip_byte(object_path(archiving.repo, key))
-    target = scratch_dir(archiving, "fetch-damaged")
+    target = archiving.db_user_dir("fetch-damaged")
 
     result = archiving.pgvault("wal-fetch", name, str(target / "RECOVERYXLOG"))
     assert result.returncode == 255, result.out  # cli.WAL_FETCH_ERROR_EXIT: recovery must stop
@@ -672,7 +664,7 @@ def test_server_dying_mid_backup_fails_it_cleanly_and_the_next_backup_succeeds(w
 
 def test_push_into_an_unwritable_repository_fails_and_stores_nothing(archiving: Cluster) -> None:
     name = fresh_segment(archiving)
-    source = fetch_to(archiving, name, scratch_dir(archiving, "push-readonly"))
+    source = fetch_to(archiving, name, archiving.db_user_dir("push-readonly"))
     config = side_repository(archiving, "repo-readonly")
     repo = archiving.workdir / "repo-readonly"
     wal_dir = repo / LAYOUT.wal_prefix

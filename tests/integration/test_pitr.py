@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -330,15 +329,8 @@ def test_writes_during_the_backup_are_recovered_exactly(cluster: Cluster) -> Non
 
 # ---- tablespaces ------------------------------------------------------------------------------------
 
-def _tablespace_dir(cluster: Cluster, name: str) -> Path:
-    location = cluster.workdir / name
-    location.mkdir()
-    chown_to_db_user(location)
-    return location
-
-
 def test_a_cluster_with_a_tablespace_restores_with_it_to_a_mapped_directory(cluster: Cluster) -> None:
-    location = _tablespace_dir(cluster, "ts-original")
+    location = cluster.db_user_dir("ts-original")
     cluster.sql(f"CREATE TABLESPACE ts_extra LOCATION '{location}'")
     cluster.sql("CREATE TABLE t_ts (batch int NOT NULL, n int NOT NULL) TABLESPACE ts_extra")
     before = cluster.commit_batches(2, pause=0.3, table="t_ts")
@@ -418,7 +410,7 @@ def test_restore_follows_a_new_timeline_archived_by_a_promoted_copy(cluster: Clu
 
 
 def test_in_place_restore_with_force_brings_back_the_tablespace_at_its_original_location(cluster: Cluster) -> None:
-    location = _tablespace_dir(cluster, "ts-in-place")
+    location = cluster.db_user_dir("ts-in-place")
     cluster.sql(f"CREATE TABLESPACE ts_home LOCATION '{location}'")
     cluster.sql("CREATE TABLE t_home (batch int NOT NULL, n int NOT NULL) TABLESPACE ts_home")
     cluster.backup()
@@ -438,7 +430,7 @@ def test_in_place_restore_with_force_brings_back_the_tablespace_at_its_original_
 
 
 def test_force_into_a_copy_never_wipes_the_live_clusters_tablespace(cluster: Cluster) -> None:
-    location = _tablespace_dir(cluster, "ts-live")
+    location = cluster.db_user_dir("ts-live")
     cluster.sql(f"CREATE TABLESPACE ts_live LOCATION '{location}'")
     cluster.sql("CREATE TABLE t_live (batch int NOT NULL, n int NOT NULL) TABLESPACE ts_live")
     cluster.backup()
