@@ -20,8 +20,9 @@ from pgvault.pg.wal import (
     is_segment,
     parse_long_header,
 )
-from pgvault.repo.base import Storage
+from pgvault.repo.base import Storage, read_verified
 from pgvault.repo.layout import Layout
+from pgvault.streams import compress, decompress
 
 
 @dataclass(frozen=True)
@@ -31,18 +32,6 @@ class PushResult:
     outcome: str  # "archived", "already archived", "replaced partial"
     raw_size: int
     stored_size: int
-
-
-def _compress(data: bytes, level: int) -> bytes:
-    import zstandard
-
-    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
-
-
-def _decompress(data: bytes) -> bytes:
-    import zstandard
-
-    return zstandard.ZstdDecompressor().decompress(data)
 
 
 def check_segment(name: str, data: bytes, system_id: str, segment_size: int) -> None:
@@ -71,13 +60,9 @@ def check_segment(name: str, data: bytes, system_id: str, segment_size: int) -> 
 
 
 def _stored_raw_sha256(storage: Storage, key: str) -> str:
-    handle, meta = storage.open(key)
-    with handle:
-        stored = handle.read()
-    if hashlib.sha256(stored).hexdigest() != meta.sha256:
-        raise IntegrityError(f"object {key} does not match its recorded SHA-256",
-                             hint="the stored segment is damaged; it cannot be compared, so nothing was archived")
-    raw = stored if key.endswith(".history") else _decompress(stored)
+    stored, _meta = read_verified(storage, key, hint="the stored segment is damaged; it cannot be compared, "
+                                  "so nothing was archived")
+    raw = stored if key.endswith(".history") else decompress(stored)
     return hashlib.sha256(raw).hexdigest()
 
 
@@ -100,7 +85,7 @@ def push(
     existing = storage.head(key)
     if existing is not None:
         return _resolve_existing(storage, key, name, data, raw_sha256, level, existing.size)
-    stored = data if is_history(name) else _compress(data, level)
+    stored = data if is_history(name) else compress(data, level)
     extra = {"raw_sha256": raw_sha256, "raw_size": str(len(data))}
     try:
         meta = storage.put(key, io.BytesIO(stored), extra=extra)
@@ -122,7 +107,7 @@ def _resolve_existing(
     if is_partial(name):
         # A .partial is a timeline's unfinished tail (promotion, pg_receivewal); a newer one must
         # never block archiving, and the complete segments are what recovery uses.
-        stored = _compress(data, level)
+        stored = compress(data, level)
         meta = storage.put(key, io.BytesIO(stored), extra={"raw_sha256": raw_sha256,
                                                            "raw_size": str(len(data))}, overwrite=True)
         return PushResult(name, key, "replaced partial", len(data), meta.size)
@@ -138,15 +123,10 @@ def fetch(storage: Storage, layout: Layout, name: str, dest: Path) -> int:
     if not is_archivable(name):
         raise UsageError(f"{name!r} is not a WAL file name; restore_command must pass %f")
     key = layout.wal_key(name)
-    handle, meta = storage.open(key)
-    with handle:
-        stored = handle.read()
-    if len(stored) != meta.size or hashlib.sha256(stored).hexdigest() != meta.sha256:
-        raise IntegrityError(f"object {key} does not match its recorded SHA-256; refusing to use it",
-                             hint="recovery stops here rather than end early; put an intact copy of this segment "
-                             "in place (e.g. from the primary's pg_wal) and start again")
+    stored, meta = read_verified(storage, key, hint="recovery stops here rather than end early; put an intact "
+                                 "copy of this segment in place (e.g. from the primary's pg_wal) and start again")
     try:
-        raw = stored if is_history(name) else _decompress(stored)
+        raw = stored if is_history(name) else decompress(stored)
     except Exception as exc:  # zstandard raises its own ZstdError
         raise IntegrityError(f"object {key} does not decompress: {exc}") from None
     expected = meta.extra.get("raw_sha256")

@@ -23,7 +23,7 @@ from pgvault.pg.conn import connect, server_facts
 from pgvault.pg.wal import Lsn, WalSegment, segments_between
 from pgvault.repo import job_lock
 from pgvault.repo.base import Storage
-from pgvault.streams import ChunkReader
+from pgvault.streams import ChunkReader, compress
 from pgvault.tarparts import TarSplitter
 
 Progress = Callable[[str], None]
@@ -130,7 +130,7 @@ def run_backup(
         manifest_bytes = captured["backup_manifest"]
         manifest_meta = storage.put(
             catalog.layout.manifest_key(backup_id),
-            io.BytesIO(_compress(manifest_bytes, policy.compression.level)),
+            io.BytesIO(compress(manifest_bytes, policy.compression.level)),
         )
         sentinel = BackupRecord(
             id=backup_id, cluster=policy.cluster, system_id=info.system_id, pg_version=facts.version_num,
@@ -155,12 +155,6 @@ def run_backup(
             raise RepositoryError(f"backup {backup_id} already has a sentinel; another writer is active") from None
         progress(f"backup {backup_id}: complete, {len(parts)} part(s)")
         return sentinel
-
-
-def _compress(data: bytes, level: int) -> bytes:
-    import zstandard
-
-    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
 
 
 def _stream_backup(

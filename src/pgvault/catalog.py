@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pgvault.errors import IntegrityError, ObjectExists, RepositoryError
 from pgvault.pg.wal import Lsn, TimelineSwitch, WalSegment, is_history, is_segment, parse_history
-from pgvault.repo.base import Storage
+from pgvault.repo.base import Storage, read_verified
 from pgvault.repo.layout import FORMAT_VERSION, Layout
 
 
@@ -98,15 +98,7 @@ class ArchivedWal:
 
 def read_json_object(storage: Storage, key: str) -> tuple[dict, int]:
     """Read a small JSON object, checking it against its recorded SHA-256."""
-    import hashlib
-
-    handle, meta = storage.open(key)
-    with handle:
-        data = handle.read()
-    if hashlib.sha256(data).hexdigest() != meta.sha256 or len(data) != meta.size:
-        raise IntegrityError(f"object {key} does not match its recorded SHA-256; the repository is damaged",
-                             hint="the object was damaged after it was written; restore it from a copy of the "
-                             "repository")
+    data, _meta = read_verified(storage, key)
     try:
         return json.loads(data), len(data)
     except ValueError:
@@ -201,12 +193,5 @@ class Catalog:
         return ArchivedWal(segments, histories)
 
     def history(self, timeline: int) -> list[TimelineSwitch]:
-        import hashlib
-
-        key = self.layout.wal_key(f"{timeline:08X}.history")
-        handle, meta = self.storage.open(key)
-        with handle:
-            data = handle.read()
-        if hashlib.sha256(data).hexdigest() != meta.sha256:
-            raise IntegrityError(f"object {key} does not match its recorded SHA-256")
+        data, _meta = read_verified(self.storage, self.layout.wal_key(f"{timeline:08X}.history"))
         return parse_history(data.decode())

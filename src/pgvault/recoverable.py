@@ -6,6 +6,7 @@ The pure reasoning lives in window.py; this module feeds it the catalog and read
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,9 +21,10 @@ from pgvault.pg.waldump import WalEvent, WalReader
 from pgvault.repo.base import Storage
 from pgvault.window import BackupReach, TimelineSpan, ancestry, reachable_backups
 
-_XACT_KINDS = ("COMMIT", "ABORT", "COMMIT_PREPARED", "ABORT_PREPARED")
+XACT_KINDS = ("COMMIT", "ABORT", "COMMIT_PREPARED", "ABORT_PREPARED")
 # Segments handed to one pg_waldump run while scanning backwards.
 _BATCH = 8
+_CACHED_DUMPS = 4
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,20 @@ class Recoverable:
         self.histories: dict[int, list[TimelineSwitch]] = wal.histories
         self.segments: dict[int, set[int]] = {tli: {s.number for s in segs} for tli, segs in wal.segments.items()}
         self._reader = WalReader(self._fetch, waldump)
+        # Choosing a backup, checking the target and the window read the same newest segments: keep
+        # the last few dumps rather than fetch and dump them again.
+        self._dumps: OrderedDict[tuple[tuple[str, ...], bool], list[WalEvent]] = OrderedDict()
+
+    def _events(self, segments: Sequence[WalSegment], *, every_record: bool = False) -> list[WalEvent]:
+        key = (tuple(s.name for s in segments), every_record)
+        if key in self._dumps:
+            self._dumps.move_to_end(key)
+            return self._dumps[key]
+        events = self._reader.events(segments, every_record=every_record)
+        self._dumps[key] = events
+        if len(self._dumps) > _CACHED_DUMPS:
+            self._dumps.popitem(last=False)
+        return events
 
     def _fetch(self, name: str, dest: Path) -> None:
         archive.fetch(self.catalog.storage, self.catalog.layout, name, dest)
@@ -103,7 +119,7 @@ class Recoverable:
     def find_last(self, run: Sequence[WalSegment], wanted: Callable[[WalEvent], bool]) -> WalEvent | None:
         """The newest event in run for which wanted() holds, scanning from the end backwards."""
         for batch in self._batches_backwards(run):
-            hits = [e for e in self._reader.events(batch) if wanted(e)]
+            hits = [e for e in self._events(batch) if wanted(e)]
             if hits:
                 return hits[-1]
         return None
@@ -112,7 +128,7 @@ class Recoverable:
         """Where the newest archived WAL record starts: the last LSN a target can name."""
         if not run:
             return None
-        events = self._reader.events(run[-1:], every_record=True)
+        events = self._events(run[-1:], every_record=True)
         return events[-1].lsn if events else None
 
     def window(self, timeline: int) -> RecoverableWindow:
@@ -123,7 +139,7 @@ class Recoverable:
         longest = max(reach, key=lambda r: r.wal_end.number)
         stop_seg = WalSegment.parse(longest.backup.stop_wal, self.segment_size)
         tail = [s for s in longest.wal if s.number >= stop_seg.number]
-        last_xact = self.find_last(tail, lambda e: e.kind in _XACT_KINDS)
+        last_xact = self.find_last(tail, lambda e: e.kind in XACT_KINDS)
         latest_time = None
         if last_xact is not None and last_xact.time is not None and last_xact.lsn >= longest.backup.stop:
             latest_time = last_xact.time

@@ -23,8 +23,9 @@ from pgvault.config import Policy
 from pgvault.errors import DataDirectoryInUse, IntegrityError, TargetUnreachable, UsageError
 from pgvault.pg import recovery
 from pgvault.pg.wal import WalSegment
-from pgvault.recoverable import _XACT_KINDS, Recoverable
+from pgvault.recoverable import XACT_KINDS, Recoverable
 from pgvault.repo.base import Storage
+from pgvault.streams import decompress
 from pgvault.targets import RecoveryTarget
 from pgvault.window import BackupReach, by_id, choose_for_lsn, choose_for_time
 
@@ -190,7 +191,7 @@ def _event_matcher(target: RecoveryTarget) -> Callable[[Any], bool]:
     # recovery_target_xid keeps only the low 32 bits of an epoch-qualified txid_current() value, and
     # pg_waldump prints the 32-bit xid: compare those.
     xid = (target.xid or 0) & 0xFFFFFFFF
-    return lambda e: e.kind in _XACT_KINDS and e.xid == xid
+    return lambda e: e.kind in XACT_KINDS and e.xid == xid
 
 
 def _check_backup_before(chosen: BackupReach, target: RecoveryTarget) -> None:
@@ -211,7 +212,7 @@ def _check_reachable(view: Recoverable, chosen: BackupReach, target: RecoveryTar
     tail = [s for s in chosen.wal if s.number >= stop_number]
     if target.kind == "time":
         assert target.time is not None
-        last = view.find_last(tail, lambda e: e.kind in _XACT_KINDS)
+        last = view.find_last(tail, lambda e: e.kind in XACT_KINDS)
         if last is None or last.time is None or last.time <= target.time or last.lsn < backup.stop:
             latest = (f"the last archived transaction ended at {last.time.isoformat(sep=' ')}"
                       if last is not None and last.time is not None and last.lsn >= backup.stop
@@ -269,13 +270,11 @@ def verify_object(storage: Storage, record: StoredObject) -> None:
 
 
 def _read_manifest(storage: Storage, record: StoredObject) -> bytes:
-    import zstandard
-
+    """The backup's manifest, checked against the SHA-256 its sentinel recorded."""
     handle, _meta = storage.open(record.key)
     with handle:
-        reader = _HashingReader(handle, record)
-        data = reader.read()
-    return zstandard.ZstdDecompressor().decompress(data)
+        data = _HashingReader(handle, record).read()
+    return decompress(data)
 
 
 def _manifest_checksums(manifest: bytes) -> dict[str, tuple[int, str]]:

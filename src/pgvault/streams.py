@@ -1,4 +1,4 @@
-"""File-like adapters for streaming data through compressors and storage with bounded memory."""
+"""Streaming helpers: a file-like view of byte chunks, and whole-object zstd for small objects."""
 
 from __future__ import annotations
 
@@ -30,3 +30,16 @@ class ChunkReader:
             self._buffer.clear()
             self._offset = 0
         return data
+
+
+def compress(data: bytes, level: int) -> bytes:
+    """One zstd frame with a content checksum (WAL segments, manifests: objects that fit in memory)."""
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
+
+
+def decompress(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompress(data)

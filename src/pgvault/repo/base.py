@@ -52,3 +52,19 @@ class Storage(Protocol):
     def delete(self, keys: Iterable[str]) -> None:
         """Delete keys; missing keys are not an error."""
         ...
+
+
+def read_verified(storage: Storage, key: str, *, hint: str | None = None) -> tuple[bytes, ObjectMeta]:
+    """Read a small object whole and check it against its recorded size and SHA-256 (guarantee 4)."""
+    import hashlib
+
+    from pgvault.errors import IntegrityError
+
+    handle, meta = storage.open(key)
+    with handle:
+        data = handle.read()
+    if len(data) != meta.size or hashlib.sha256(data).hexdigest() != meta.sha256:
+        raise IntegrityError(f"object {key} does not match its recorded SHA-256; the repository is damaged",
+                             hint=hint or "the object was damaged after it was written; restore it from a copy "
+                             "of the repository")
+    return data, meta
