@@ -47,9 +47,7 @@ def remove_debris(catalog: Catalog) -> list[str]:
     removed = []
     # A writer killed mid-put leaves temp files, which list() skips: sweep them first, or a killed
     # backup's directory never empties (and one killed before its first part is not even seen).
-    list_debris = getattr(catalog.storage, "list_debris", None)
-    if list_debris is not None:
-        catalog.storage.delete(list(list_debris(catalog.layout.backups_prefix)))
+    catalog.storage.sweep(catalog.layout.backups_prefix)
     for backup_id in catalog.incomplete_backups():
         keys = [obj.key for obj in catalog.storage.list(catalog.layout.backup_prefix(backup_id))]
         catalog.storage.delete(keys)
@@ -78,7 +76,7 @@ def run_backup(
 ) -> BackupRecord:
     catalog = Catalog(storage, policy.cluster)
     info = catalog.require_cluster_info()
-    with job_lock(policy.repository, policy.cluster, "backup"):
+    with job_lock(policy.repository, storage, policy.cluster, "backup"):
         removed = remove_debris(catalog)
         if removed:
             progress(f"removed debris of incomplete backup(s): {', '.join(removed)}")

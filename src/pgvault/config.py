@@ -10,7 +10,17 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pgvault.errors import ConfigError
 
@@ -62,8 +72,57 @@ class PostgresConfig(_Section):
     bindir: Path | None = Field(default=None, description="where initdb, pg_ctl and pg_waldump live")
 
 
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class S3Config(_Section):
+    """How to reach an S3 bucket. Unset values come from boto3's standard configuration."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    ca_bundle: Path | None = None
+    storage_class: Literal["STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR",
+                           "REDUCED_REDUNDANCY"] | None = None
+    sse: Literal["none", "AES256", "aws:kms"] = "none"
+    sse_kms_key_id: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # If-None-Match on PUT makes no-overwrite atomic; endpoints that ignore it need `false`
+    # (then pgvault checks before it writes, which two racing writers can both pass).
+    conditional_writes: bool = True
+    multipart_chunk_size: Size = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3)
+    connect_timeout: Duration = timedelta(seconds=5)
+    read_timeout: Duration = timedelta(seconds=60)
+    # Each request is retried (backoff with jitter) on 5xx, throttling, timeouts and resets, up to
+    # `retries` more tries and never starting a try later than `retry_window` after the first.
+    retries: StrictInt = Field(default=6, ge=0, le=50)
+    retry_window: Duration = timedelta(seconds=60)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, url: str | None) -> str | None:
+        if url is not None and urlparse(url).scheme not in ("http", "https"):
+            raise ValueError(f"{url!r} is not an http(s) URL; write e.g. https://minio.example.net:9000")
+        return url
+
+    @model_validator(mode="after")
+    def _pairs(self) -> S3Config:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both access_key_id and secret_access_key, or neither (then boto3's standard "
+                             "credentials apply)")
+        if self.sse_kms_key_id is not None and self.sse != "aws:kms":
+            raise ValueError("sse_kms_key_id needs sse: aws:kms")
+        if self.connect_timeout.total_seconds() < 1 or self.read_timeout.total_seconds() < 1:
+            raise ValueError("connect_timeout and read_timeout must be at least 1s")
+        return self
+
+
 class RepositoryConfig(_Section):
     url: str
+    s3: S3Config | None = None
 
     @field_validator("url")
     @classmethod
@@ -78,12 +137,37 @@ class RepositoryConfig(_Section):
                 raise ValueError("a file repository needs an absolute path, e.g. file:///var/lib/pgvault")
             return url
         if parsed.scheme == "s3":
-            raise ValueError("s3:// repositories are not supported yet; use file:///path")
-        raise ValueError(f"unsupported scheme {parsed.scheme or '(none)'!r}; use file:///absolute/path")
+            if not _BUCKET_RE.match(parsed.netloc) or ".." in parsed.netloc:
+                raise ValueError(f"{parsed.netloc!r} is not a valid bucket name (3-63 lowercase letters, digits, "
+                                 "'.' or '-'); write s3://bucket/prefix")
+            if parsed.query or parsed.fragment or "//" in parsed.path:
+                raise ValueError(f"{url!r} is not of the form s3://bucket/prefix")
+            return url
+        raise ValueError(f"unsupported scheme {parsed.scheme or '(none)'!r}; use file:///absolute/path or "
+                         "s3://bucket/prefix")
+
+    @model_validator(mode="after")
+    def _s3_section_matches(self) -> RepositoryConfig:
+        if self.s3 is not None and self.kind != "s3":
+            raise ValueError("the s3 section applies only to s3:// urls; remove it or change url")
+        return self
+
+    @property
+    def kind(self) -> Literal["file", "s3"]:
+        return "s3" if self.url.startswith("s3:") else "file"
 
     @property
     def path(self) -> Path:
         return Path(urlparse(self.url).path)
+
+    @property
+    def bucket(self) -> str:
+        return urlparse(self.url).netloc
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix inside the bucket, without slashes at either end ('' for the bucket's root)."""
+        return urlparse(self.url).path.strip("/")
 
 
 class CompressionConfig(_Section):

@@ -32,6 +32,10 @@ class RepositoryError(PgvaultError):
     """The repository cannot be read or written, or is not what it should be."""
 
 
+class TransientError(RepositoryError):
+    """A request failed in a way worth retrying: 5xx, throttling, a timeout, a reset connection."""
+
+
 class ObjectNotFound(RepositoryError):
     """A key the caller asked for is not in the repository."""
 

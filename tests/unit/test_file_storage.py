@@ -283,13 +283,13 @@ def test_successful_and_losing_puts_leave_no_temp_files(storage: FileStorage) ->
     assert _all_files(storage.root) == ["c/a", "c/a.meta"]
 
 
-def test_list_debris_finds_only_temp_files(storage: FileStorage) -> None:
+def test_sweep_removes_only_temp_files(storage: FileStorage) -> None:
     storage.put("c/backups/b1/part-00000.tar.zst", io.BytesIO(b"p0"))
     tmp = storage.root / "c/backups/b1/.tmp.part-00001.tar.zst.99.beef"
     tmp.write_bytes(b"half a part")
-    assert list(storage.list_debris("c/backups/")) == ["c/backups/b1/.tmp.part-00001.tar.zst.99.beef"]
-    storage.delete(list(storage.list_debris("c/backups/")))
+    assert storage.sweep("c/backups/") == 1
     assert not tmp.exists()
+    assert storage.sweep("c/backups/") == 0
     assert _read(storage, "c/backups/b1/part-00000.tar.zst") == b"p0"
 
 

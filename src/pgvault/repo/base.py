@@ -53,6 +53,10 @@ class Storage(Protocol):
         """Delete keys; missing keys are not an error."""
         ...
 
+    def sweep(self, prefix: str) -> int:
+        """Remove what killed writers left under prefix (temp files, unfinished uploads); return how many."""
+        ...
+
 
 def read_verified(storage: Storage, key: str, *, hint: str | None = None) -> tuple[bytes, ObjectMeta]:
     """Read a small object whole and check it against its recorded size and SHA-256 (guarantee 4)."""

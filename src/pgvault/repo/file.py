@@ -180,15 +180,19 @@ class FileStorage:
                 found.append(ObjectInfo(key=key, size=size))
         yield from sorted(found, key=lambda obj: obj.key)
 
-    def list_debris(self, prefix: str) -> Iterator[str]:
-        """Temp files left by killed writers (paths relative to the root)."""
+    def sweep(self, prefix: str) -> int:
+        """Remove temp files left under prefix by killed writers. Returns how many."""
         start = self.root / prefix
         if not start.is_dir():
-            return
+            return 0
+        removed = 0
         for dirpath, _dirnames, filenames in os.walk(start):
             for name in filenames:
                 if name.startswith(TMP_PREFIX):
-                    yield os.path.relpath(os.path.join(dirpath, name), self.root)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(dirpath, name))
+                        removed += 1
+        return removed
 
     def delete(self, keys: Iterable[str]) -> None:
         parents: set[Path] = set()

@@ -1,20 +1,32 @@
-"""One job at a time: an flock-based lock a killed process cannot leave stuck.
+"""One job at a time: locks a killed process cannot leave stuck.
 
-The kernel drops an flock when its holder dies, however it dies (SIGKILL included), so there is
-no stale-lock guessing. The file's content (pid, host, start time) only feeds the error message.
+FileLock (a local directory): the kernel drops an flock when its holder dies, however it dies
+(SIGKILL included), so there is no stale-lock guessing; the file's content only feeds the error
+message. LeaseLock (object storage, which has no locks): an object created with a no-overwrite
+put, renewed while held, and taken over when it is stale: expired, or held by a process of this
+host that no longer exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import json
+import logging
 import os
+import secrets
 import socket
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from pgvault.errors import LockedError, RepositoryError
+from pgvault.errors import LockedError, ObjectExists, ObjectNotFound, PgvaultError, RepositoryError
+from pgvault.repo.base import Storage
+
+log = logging.getLogger("pgvault.lock")
 
 
 class FileLock:
@@ -58,3 +70,90 @@ class FileLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _held_since(info: dict[str, Any]) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.get("since", 0)))
+    return f"pid {info.get('pid')} on {info.get('host')}, since {started}"
+
+
+class LeaseLock:
+    """A lease in the repository: {token, pid, host, since, expires}, renewed every ttl/4."""
+
+    def __init__(self, storage: Storage, key: str, what: str, ttl: float = 120.0) -> None:
+        self.storage = storage
+        self.key = key
+        self.what = what
+        self.ttl = ttl
+        self.token = secrets.token_hex(8)
+        self._since = int(time.time())
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _body(self) -> io.BytesIO:
+        return io.BytesIO(json.dumps({"token": self.token, "pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": self._since, "expires": time.time() + self.ttl}).encode())
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            handle, _meta = self.storage.open(self.key)
+        except ObjectNotFound:
+            return None
+        with handle:
+            try:
+                info = json.loads(handle.read())
+            except ValueError:
+                return {}  # unreadable: treated as stale below
+        return info if isinstance(info, dict) else {}
+
+    @staticmethod
+    def _stale(info: dict[str, Any]) -> bool:
+        if not info or float(info.get("expires", 0)) < time.time():
+            return True
+        if info.get("host") == socket.gethostname():
+            try:
+                os.kill(int(info.get("pid", 0)), 0)
+            except ProcessLookupError:
+                return True  # its holder died on this very host
+            except (PermissionError, ValueError):
+                return False
+        return False
+
+    def __enter__(self) -> LeaseLock:
+        for _ in range(2):
+            try:
+                self.storage.put(self.key, self._body())
+                break
+            except ObjectExists:
+                info = self._holder()
+                if info is None:
+                    continue  # released between our put and our read: try again
+                if not self._stale(info):
+                    raise LockedError(f"another {self.what} is running ({_held_since(info)}); wait for it to "
+                                      "finish", hint=f"the lease {self.key} in the repository expires "
+                                      f"{int(self.ttl)} s after its holder stops renewing it") from None
+                log.warning("taking over the stale lock of %s (%s)", self.what, _held_since(info))
+                self.storage.delete([self.key])
+        else:
+            raise LockedError(f"another {self.what} took the lock at the same moment; try again")
+        self._renewer = threading.Thread(target=self._renew, name="lease-renewer", daemon=True)
+        self._renewer.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                self.storage.put(self.key, self._body(), overwrite=True)
+            except PgvaultError as exc:
+                log.warning("cannot renew the lock of %s: %s", self.what, exc.message)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        with contextlib.suppress(PgvaultError):
+            info = self._holder()
+            if info is not None and info.get("token") == self.token:
+                self.storage.delete([self.key])
