@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from repos import S3_ENV, FileRepo, MotoServer, RepoHandle, S3Repo
 
 from pgvault.pg.autoconf import set_auto_conf
 from pgvault.pg.instance import LocalInstance, as_db_user, chown_to_db_user
@@ -29,6 +30,44 @@ from pgvault.pg.instance import LocalInstance, as_db_user, chown_to_db_user
 # The console script of the pgvault under test, by its real path (the postgres user may not be able
 # to enter the checkout, but can reach the venv).
 PGVAULT = str(Path(sys.executable).parent.resolve() / "pgvault")
+os.environ.update(S3_ENV)
+BACKENDS = ("file", "s3")
+_moto: MotoServer | None = None
+
+
+def moto() -> MotoServer:
+    """The session's moto_server, started on first use."""
+    global _moto
+    if _moto is None:
+        _moto = MotoServer()
+    return _moto
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_moto() -> Iterator[None]:
+    yield
+    if _moto is not None:
+        _moto.stop()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Every test that asks for `backend` (the `cluster` fixture does) runs on each backend, unless
+    # marked file_only (it looks at what only a directory has: inodes, permissions, temp files).
+    if "backend" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("file_only")
+        metafunc.parametrize("backend", ["file"] if only else list(BACKENDS), indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "file"))
+
+
+def new_repo(workdir: Path, backend: str, name: str = "repo", **settings: Any) -> RepoHandle:
+    """A fresh, empty repository: a directory in workdir, or a fresh bucket."""
+    if backend == "s3":
+        return S3Repo(moto(), prefix=name, **settings)
+    return FileRepo(workdir / name)
 
 
 def make_workdir(prefix: str = "pgvault-test-") -> Path:
@@ -92,12 +131,12 @@ class Marks:
 
 @dataclass
 class Cluster:
-    """A running PostgreSQL archiving into a file repository through pgvault."""
+    """A running PostgreSQL archiving into a repository through pgvault."""
 
     workdir: Path
     pg: LocalInstance
     config: Path
-    repo: Path
+    repo: RepoHandle
     restored: list[LocalInstance] = field(default_factory=list)
     _batch: int = 0
     _restores: int = 0
@@ -195,17 +234,17 @@ def rows_of(instance: LocalInstance, table: str = "t") -> list[tuple[int, int]]:
     return sorted((int(b), int(n)) for b, n in instance.query(f"SELECT batch, n FROM {table}"))
 
 
-def write_policy(path: Path, cluster: str, conninfo: str, repo: Path, **sections: Any) -> None:
-    data: dict[str, Any] = {"cluster": cluster, "postgres": {"conninfo": conninfo},
-                            "repository": {"url": f"file://{repo}"}}
+def write_policy(path: Path, cluster: str, conninfo: str, repo: RepoHandle, **sections: Any) -> None:
+    data: dict[str, Any] = {"cluster": cluster, "postgres": {"conninfo": conninfo}, "repository": repo.section()}
     data.update(sections)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     chown_to_db_user(path)
 
 
-def new_cluster(workdir: Path, *, name: str = "pg", cluster: str = "test", repo: Path | None = None,
-                init: bool = True, settings: dict[str, str] | None = None, **sections: Any) -> Cluster:
-    repo = repo or workdir / "repo"
+def new_cluster(workdir: Path, *, name: str = "pg", cluster: str = "test", repo: RepoHandle | None = None,
+                backend: str = "file", init: bool = True, settings: dict[str, str] | None = None,
+                **sections: Any) -> Cluster:
+    repo = repo or new_repo(workdir, backend)
     config = workdir / f"{name}.yaml"
     pg = LocalInstance.create(workdir / name)
     archive_command = f"{PGVAULT} --config {config} wal-push %p"
@@ -228,9 +267,9 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def cluster(workdir: Path) -> Iterator[Cluster]:
-    """A fresh cluster archiving into a fresh file repository, initialized, with table t."""
-    made = new_cluster(workdir)
+def cluster(workdir: Path, backend: str) -> Iterator[Cluster]:
+    """A fresh cluster archiving into a fresh repository (of each backend), initialized, with table t."""
+    made = new_cluster(workdir, backend=backend)
     made.create_table()
     try:
         yield made

@@ -67,10 +67,10 @@ def _backup_record(cluster: Cluster) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def shared_history() -> Iterator[History]:
+def shared_history(backend: str) -> Iterator[History]:
     workdir = make_workdir()
     # No autovacuum: its commits would move the end of the recoverable window past our last batch.
-    cluster = new_cluster(workdir, settings={"autovacuum": "off"})
+    cluster = new_cluster(workdir, backend=backend, settings={"autovacuum": "off"})
     try:
         cluster.create_table()
         before_a = cluster.commit_batches(2, pause=0.3)
