@@ -243,10 +243,10 @@ def write_policy(path: Path, cluster: str, conninfo: str, repo: RepoHandle, **se
 
 def new_cluster(workdir: Path, *, name: str = "pg", cluster: str = "test", repo: RepoHandle | None = None,
                 backend: str = "file", init: bool = True, settings: dict[str, str] | None = None,
-                **sections: Any) -> Cluster:
+                initdb_options: list[str] | None = None, **sections: Any) -> Cluster:
     repo = repo or new_repo(workdir, backend)
     config = workdir / f"{name}.yaml"
-    pg = LocalInstance.create(workdir / name)
+    pg = LocalInstance.create(workdir / name, initdb_options=initdb_options)
     archive_command = f"{PGVAULT} --config {config} wal-push %p"
     set_auto_conf(pg.pgdata, {"wal_level": "replica", "archive_mode": "on", "archive_command": archive_command,
                               **(settings or {})})

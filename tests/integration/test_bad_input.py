@@ -2,8 +2,10 @@
 names the field or flag and the fix, exit 2 for usage/config errors and 1 for failed operations, no
 traceback, and nothing written: the repository and the target directory are byte-for-byte unchanged.
 
-One cluster with one backup and some archived WAL serves the whole module: every test here must leave
-it exactly as it found it, which is the point.
+One cluster with one backup and some archived WAL serves the whole module, once per backend (a
+directory, and a versioned bucket on moto_server): every test here must leave it exactly as it found
+it, which is the point. The S3 cases at the end run on the S3 pass only, and also check that no
+credential given in the policy or the environment is ever printed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,7 +25,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Cluster, Result, make_workdir, new_cluster, run_pgvault
+from conftest import Cluster, Result, make_workdir, moto, new_cluster, run_pgvault
+from repos import S3_ENV, FileRepo, RepoHandle, S3Repo, free_port
 
 from pgvault.pg.instance import chown_to_db_user
 
@@ -39,9 +43,9 @@ class Shared:
 
 
 @pytest.fixture(scope="module")
-def shared() -> Iterator[Shared]:
+def shared(backend: str) -> Iterator[Shared]:
     workdir = make_workdir("pgvault-badinput-")
-    made = new_cluster(workdir)
+    made = new_cluster(workdir, backend=backend)
     try:
         made.create_table()
         made.commit_batches(1, pause=0.1)
@@ -76,12 +80,32 @@ def tree(root: Path) -> dict[str, str] | None:
     return entries
 
 
+def object_versions(repo: S3Repo) -> list[tuple[str, str]]:
+    """Every version and delete marker in the bucket: a rewrite with the same bytes still adds one."""
+    pages = repo.client.get_paginator("list_object_versions").paginate(Bucket=repo.bucket)
+    return sorted((item["Key"], item["VersionId"]) for page in pages
+                  for item in [*page.get("Versions", []), *page.get("DeleteMarkers", [])])
+
+
+def stored(watched: RepoHandle | Path) -> Any:
+    """What a refused command must leave as it was: a directory's tree, or all a repository holds."""
+    if isinstance(watched, Path):
+        return tree(watched)
+    state: dict[str, Any] = {"objects": watched.snapshot()}
+    if isinstance(watched, FileRepo):
+        state["tree"] = tree(watched.path)  # modes too, which the snapshot leaves out
+    if isinstance(watched, S3Repo):
+        state["versions"] = object_versions(watched)
+    return state
+
+
 @contextlib.contextmanager
-def writes_nothing(*roots: Path) -> Iterator[None]:
-    before = {str(root): tree(root) for root in roots}
+def writes_nothing(*watched: RepoHandle | Path) -> Iterator[None]:
+    before = [stored(item) for item in watched]
     yield
-    after = {str(root): tree(root) for root in roots}
-    assert after == before, "a refused command changed files"
+    for item, was in zip(watched, before, strict=True):
+        name = str(item) if isinstance(item, Path) else item.url
+        assert stored(item) == was, f"a refused command changed {name}"
 
 
 def assert_refused(result: Result, code: int, *, names: tuple[str, ...] = (), fix: tuple[str, ...] = ()) -> str:

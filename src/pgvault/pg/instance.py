@@ -237,6 +237,7 @@ class LocalInstance:
         port: int | None = None,
         settings: dict[str, str] | None = None,
         bindir: Path | None = None,
+        initdb_options: list[str] | None = None,
     ) -> LocalInstance:
         """initdb a new cluster (trust auth, superuser postgres, checksums on) and configure it; no start."""
         pgdata = Path(pgdata).absolute()
@@ -266,6 +267,7 @@ class LocalInstance:
                     "--data-checksums",
                     # Throwaway clusters: skipping fsync makes initdb several times faster.
                     "--no-sync",
+                    *(initdb_options or []),
                 ]
             ),
             what=f"initdb {pgdata}",
