@@ -52,10 +52,11 @@ def _stop_moto() -> Iterator[None]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # Every test that asks for `backend` (the `cluster` fixture does) runs on each backend, unless
-    # marked file_only (it looks at what only a directory has: inodes, permissions, temp files).
+    # marked file_only (it looks at what only a directory has: inodes, permissions, temp files) or
+    # s3_only (what only object storage has).
     if "backend" in metafunc.fixturenames:
-        only = metafunc.definition.get_closest_marker("file_only")
-        metafunc.parametrize("backend", ["file"] if only else list(BACKENDS), indirect=True, scope="module")
+        only = [b for b in BACKENDS if metafunc.definition.get_closest_marker(f"{b}_only")]
+        metafunc.parametrize("backend", only or list(BACKENDS), indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")

@@ -104,9 +104,31 @@ class S3Config(_Section):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, url: str | None) -> str | None:
-        if url is not None and urlparse(url).scheme not in ("http", "https"):
+        if url is not None and (urlparse(url).scheme not in ("http", "https") or not urlparse(url).hostname):
             raise ValueError(f"{url!r} is not an http(s) URL; write e.g. https://minio.example.net:9000")
         return url
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, region: str | None) -> str | None:
+        if region is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,40}", region):
+            raise ValueError(f"{region!r} is not a region name; write e.g. eu-central-1 (MinIO: us-east-1)")
+        return region
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _bundle_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} does not exist or is not a file; give the PEM file of the CA that signed "
+                             "the endpoint's certificate")
+        return path
+
+    @field_validator("connect_timeout", "read_timeout")
+    @classmethod
+    def _timeout(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 1:
+            raise ValueError("must be at least 1s")
+        return value
 
     @model_validator(mode="after")
     def _pairs(self) -> S3Config:
@@ -115,8 +137,6 @@ class S3Config(_Section):
                              "credentials apply)")
         if self.sse_kms_key_id is not None and self.sse != "aws:kms":
             raise ValueError("sse_kms_key_id needs sse: aws:kms")
-        if self.connect_timeout.total_seconds() < 1 or self.read_timeout.total_seconds() < 1:
-            raise ValueError("connect_timeout and read_timeout must be at least 1s")
         return self
 
 
@@ -137,6 +157,8 @@ class RepositoryConfig(_Section):
                 raise ValueError("a file repository needs an absolute path, e.g. file:///var/lib/pgvault")
             return url
         if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError(f"{url!r} names no bucket; write s3://bucket/prefix")
             if not _BUCKET_RE.match(parsed.netloc) or ".." in parsed.netloc:
                 raise ValueError(f"{parsed.netloc!r} is not a valid bucket name (3-63 lowercase letters, digits, "
                                  "'.' or '-'); write s3://bucket/prefix")
@@ -252,6 +274,9 @@ _TYPE_RULES = {
 }
 
 
+_SECRET_WORDS = ("secret", "token", "password", "access_key")
+
+
 def _describe(error: dict[str, Any], source: str) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "(top level)"
     kind = error["type"]
@@ -262,6 +287,8 @@ def _describe(error: dict[str, Any], source: str) -> str:
     if kind in _TYPE_RULES:
         rule = _TYPE_RULES[kind].format(**(error.get("ctx") or {}))
         value = error.get("input")
+        if any(word in where for word in _SECRET_WORDS):
+            return f"{source}: {where} {rule}"  # never echo what may be a secret (guarantee 10)
         given = "an empty value" if value is None else repr(value) if len(repr(value)) <= 60 else "that value"
         return f"{source}: {where} {rule}, not {given}"
     message = str(error["msg"]).removeprefix("Value error, ")

@@ -460,3 +460,158 @@ def test_an_unknown_command(shared: Shared) -> None:
     with writes_nothing(shared.cluster.repo):
         result = shared.cluster.pgvault("bakup")
     assert_refused(result, 2, names=("bakup",), fix=("--help",))
+
+
+# ---- S3: the policy's s3 settings (exit 2, or 255 from wal-fetch) -----------------------------------
+
+# Credentials moto accepts like any other; none of them may ever be printed (guarantee 10).
+POLICY_SECRET = "pgvault/BadInput+Secret+7c2e91d04f"
+POLICY_TOKEN = "pgvault-bad-input-session-token-5a81f3"
+SECRETS = (POLICY_SECRET, POLICY_TOKEN, S3_ENV["AWS_SECRET_ACCESS_KEY"])
+SEGMENT = "000000010000000000000001"
+
+
+@pytest.fixture
+def s3_shared(shared: Shared) -> Shared:
+    """The shared cluster; tests using it are marked s3_only, so it is always the S3 run's."""
+    assert shared.cluster.repo.kind == "s3"
+    return shared
+
+
+def s3_policy(shared: Shared, url: str | None = None, **s3: Any) -> dict[str, Any]:
+    """The shared cluster's policy with credentials of its own, and s3 settings changed (None: removed)."""
+    policy = base_policy(shared)
+    section = policy["repository"]
+    section["s3"].update(access_key_id="AKIAPGVAULTBADINPUT", secret_access_key=POLICY_SECRET,
+                         session_token=POLICY_TOKEN)
+    for key, value in s3.items():
+        if value is None:
+            section["s3"].pop(key, None)
+        else:
+            section["s3"][key] = value
+    if url is not None:
+        section["url"] = url
+    return policy
+
+
+def assert_no_secret(result: Result, *more: str) -> None:
+    for secret in (*SECRETS, *more):
+        assert secret not in result.out, f"a secret was printed:\n{result.out}"
+
+
+def run_command(command: str, config: Path, workdir: Path) -> Result:
+    if command == "wal-fetch":
+        return run_pgvault("wal-fetch", SEGMENT, str(workdir / "RECOVERYXLOG"), config=config)
+    return run_pgvault(command, config=config)
+
+
+def exit_code(command: str, code: int) -> int:
+    # Not 2 nor 1 from wal-fetch: restore_command's exit codes below 126 would end recovery early.
+    return WAL_FETCH_ERROR_EXIT if command == "wal-fetch" else code
+
+
+@pytest.mark.parametrize("command", ["init", "wal-fetch"])
+@pytest.mark.parametrize(("url", "s3", "names", "fix"), [
+    pytest.param("s3://Bad_Bucket/x", {}, ("repository.url", "'Bad_Bucket' is not a valid bucket name"),
+                 ("s3://bucket/prefix",), id="bucket-name"),
+    pytest.param("s3://", {}, ("repository.url", "bucket"), ("s3://bucket/prefix",), id="no-bucket"),
+    pytest.param("s3:///backups", {}, ("repository.url", "bucket"), ("s3://bucket/prefix",), id="three-slashes"),
+    pytest.param(None, {"secret_access_key": None}, ("repository.s3", "access_key_id", "secret_access_key"),
+                 ("set both",), id="key-without-secret"),
+    pytest.param(None, {"sse_kms_key_id": "arn:aws:kms:us-east-1:111122223333:key/pgvault"},
+                 ("repository.s3", "sse_kms_key_id"), ("sse: aws:kms",), id="kms-key-without-kms"),
+    pytest.param(None, {"endpoint_url": "ftp://x"}, ("repository.s3.endpoint_url", "'ftp://x'", "http(s)"),
+                 ("https://",), id="endpoint-scheme"),
+    # S3's smallest part (but the last) is 5 MiB: "at least 5242880" or "at least 5MiB".
+    pytest.param(None, {"multipart_chunk_size": "1MiB"}, ("repository.s3.multipart_chunk_size must be at least 5",),
+                 (), id="chunk-size"),
+    pytest.param(None, {"secret_key": POLICY_SECRET}, ("unknown key repository.s3.secret_key",),
+                 ("check its spelling",), id="unknown-key"),
+    pytest.param(None, {"read_timeout": "0s"}, ("repository.s3", "read_timeout", "at least 1s"), (),
+                 id="read-timeout"),
+    pytest.param(None, {"storage_class": "COLD"}, ("repository.s3.storage_class", "'COLD'"), ("STANDARD_IA",),
+                 id="storage-class"),
+    pytest.param(None, {"retry_window": "forever"}, ("repository.s3.retry_window", "not a duration"), ("90s",),
+                 id="retry-window"),
+    pytest.param(None, {"region": "not a region!"}, ("repository.s3", "region", "'not a region!'"), (),
+                 id="region"),
+    pytest.param(None, {"profile": "no-such-profile"}, ("repository.s3.profile", "'no-such-profile'"),
+                 ("fix the name",), id="profile"),
+])
+@pytest.mark.s3_only
+def test_a_bad_s3_setting_is_named(s3_shared: Shared, workdir: Path, command: str, url: str | None,
+                                   s3: dict[str, Any], names: tuple[str, ...], fix: tuple[str, ...]) -> None:
+    config = write_config(workdir / "p.yaml", dump(s3_policy(s3_shared, url, **s3)))
+    with writes_nothing(s3_shared.cluster.repo, workdir):
+        result = run_command(command, config, workdir)
+    assert_refused(result, exit_code(command, 2), names=names, fix=fix)
+    assert_no_secret(result)
+
+
+@pytest.mark.s3_only
+def test_an_s3_section_under_a_file_url(s3_shared: Shared, workdir: Path) -> None:
+    directory = workdir / "repo"
+    config = write_config(workdir / "p.yaml", dump(s3_policy(s3_shared, f"file://{directory}")))
+    with writes_nothing(s3_shared.cluster.repo, directory):
+        result = run_pgvault("init", config=config)
+    assert_refused(result, 2, names=("repository", "s3 section applies only to s3:// urls"), fix=("remove it",))
+    assert_no_secret(result)
+
+
+@pytest.mark.s3_only
+@pytest.mark.parametrize("field", ["secret_access_key", "session_token"])
+def test_a_secret_that_yaml_reads_as_a_number_is_not_echoed(s3_shared: Shared, workdir: Path, field: str) -> None:
+    secret = 73194655218807
+    config = write_config(workdir / "p.yaml", dump(s3_policy(s3_shared, **{field: secret})))
+    with writes_nothing(s3_shared.cluster.repo, workdir):
+        result = run_pgvault("init", config=config)
+    assert_refused(result, 2, names=(f"repository.s3.{field}", "must be text"), fix=("quote it",))
+    assert_no_secret(result, str(secret))
+
+
+@pytest.mark.s3_only
+def test_a_missing_ca_bundle_is_a_config_error(s3_shared: Shared, workdir: Path) -> None:
+    bundle = workdir / "no-such-ca.pem"
+    policy = s3_policy(s3_shared, endpoint_url=f"https://127.0.0.1:{moto().port}", ca_bundle=str(bundle))
+    config = write_config(workdir / "p.yaml", dump(policy))
+    with writes_nothing(s3_shared.cluster.repo, workdir):
+        result = run_pgvault("init", config=config)
+    assert_refused(result, 2, names=("repository.s3.ca_bundle", str(bundle), "does not exist"))
+    assert_no_secret(result)
+
+
+# ---- S3: the repository cannot be reached (exit 1, or 255 from wal-fetch) ---------------------------
+
+def bucket_names() -> list[str]:
+    return sorted(bucket["Name"] for bucket in moto().client().list_buckets()["Buckets"])
+
+
+@pytest.mark.s3_only
+@pytest.mark.parametrize("command", ["init", "backup", "info", "wal-fetch"])
+def test_a_bucket_that_does_not_exist(s3_shared: Shared, workdir: Path, command: str) -> None:
+    bucket = f"pgvault-missing-{os.getpid()}"
+    config = write_config(workdir / "p.yaml", dump(s3_policy(s3_shared, f"s3://{bucket}/repo")))
+    buckets = bucket_names()
+    with writes_nothing(s3_shared.cluster.repo, workdir):
+        result = run_command(command, config, workdir)
+    assert bucket_names() == buckets, "a refused command created a bucket"
+    assert_refused(result, exit_code(command, 1), names=(f"bucket '{bucket}'", "does not exist"),
+                   fix=("repository.url",))
+    assert_no_secret(result)
+
+
+@pytest.mark.s3_only
+@pytest.mark.parametrize("command", ["init", "info", "wal-fetch"])
+def test_an_endpoint_nobody_listens_on(s3_shared: Shared, workdir: Path, command: str) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    policy = s3_policy(s3_shared, endpoint_url=endpoint, retries=1, retry_window="2s", connect_timeout="1s")
+    config = write_config(workdir / "p.yaml", dump(policy))
+    started = time.monotonic()
+    with writes_nothing(s3_shared.cluster.repo, workdir):
+        result = run_command(command, config, workdir)
+    took = time.monotonic() - started
+    error = assert_refused(result, exit_code(command, 1), fix=("endpoint_url",))
+    assert took < 10, f"gave up only after {took:.1f} s with retries: 1, retry_window: 2s"
+    # Which endpoint: it may come from the policy, AWS_ENDPOINT_URL or the AWS config files.
+    assert endpoint.removeprefix("http://") in error, f"the endpoint is not named in {error!r}"
+    assert_no_secret(result)

@@ -55,8 +55,8 @@ class RetryPolicy:
                     raise RepositoryError(
                         f"{what} failed after {attempt} tr{'y' if attempt == 1 else 'ies'} in {elapsed:.1f} s: "
                         f"{exc.message}",
-                        hint="the object store is failing or unreachable; pgvault gave up so the caller can "
-                        "retry later (PostgreSQL keeps WAL and retries archive_command)",
+                        hint=exc.hint or "the object store is failing; pgvault gave up so the caller can retry "
+                        "later (PostgreSQL keeps WAL and retries archive_command)",
                     ) from None
                 log.info("%s: %s; retrying in %.2f s (try %d of %d)", what, exc.message, pause, attempt + 1,
                          self.retries + 1)

@@ -14,6 +14,7 @@ import io
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from urllib.parse import urlparse
 
 from pgvault.errors import ConfigError, ObjectExists, ObjectNotFound, RepositoryError, TransientError
 from pgvault.repo.base import ObjectInfo, ObjectMeta
@@ -87,8 +88,15 @@ class S3Storage:
         self.client = client if client is not None else make_client(config)
         self.retry = retry or RetryPolicy(retries=config.retries, window=config.retry_window.total_seconds())
         self.chunk_size = config.multipart_chunk_size
+        self._bucket_seen = False
 
     # --- requests -------------------------------------------------------------------------------
+
+    def _endpoint(self) -> str:
+        """The endpoint in use, wherever it came from (policy, AWS_ENDPOINT_URL*, config files), sans userinfo."""
+        parsed = urlparse(str(self.client.meta.endpoint_url))
+        return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl() \
+            if parsed.hostname else str(self.client.meta.endpoint_url)
 
     def _url(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self.prefix}{key}"
@@ -104,9 +112,17 @@ class S3Storage:
             return fn()
         except botocore.exceptions.ClientError as exc:
             raise self._client_error(exc, operation, key) from None
+        except botocore.exceptions.SSLError as exc:
+            # A certificate or protocol mismatch does not heal with retries.
+            raise RepositoryError(f"TLS with the S3 endpoint {self._endpoint()} failed: {_tls_reason(exc)}",
+                                  hint="check repository.s3.endpoint_url (http or https) and repository.s3.ca_bundle "
+                                  "(or AWS_CA_BUNDLE)") from None
         except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
                 botocore.exceptions.ResponseStreamingError) as exc:
-            raise TransientError(_describe_connection_error(exc)) from None
+            raise TransientError(f"{_describe_connection_error(exc)} (endpoint {self._endpoint()})",
+                                 hint="check that the store is up and that repository.s3.endpoint_url (or "
+                                 "AWS_ENDPOINT_URL_S3) names it; PostgreSQL keeps WAL and retries archive_command"
+                                 ) from None
         except botocore.exceptions.NoCredentialsError:
             raise RepositoryError(
                 f"no AWS credentials found for {self._url()}",
@@ -279,8 +295,21 @@ class S3Storage:
             answer = self._call("HeadObject", key, lambda: self.client.head_object(
                 Bucket=self.bucket, Key=self.prefix + key))
         except ObjectNotFound:
+            # HEAD answers a bare 404 for a missing bucket too: tell the two apart once, or a
+            # missing bucket would read as an empty repository ("not initialized").
+            self._require_bucket()
             return None
         return self._meta_of(key, answer)
+
+    def _require_bucket(self) -> None:
+        if self._bucket_seen:
+            return
+        try:
+            self._call("HeadBucket", "", lambda: self.client.head_bucket(Bucket=self.bucket))
+        except ObjectNotFound:
+            raise RepositoryError(f"bucket {self.bucket!r} does not exist",
+                                  hint=f"create it (aws s3 mb s3://{self.bucket}) or fix repository.url") from None
+        self._bucket_seen = True
 
     def _reader(self, key: str, answer: Mapping[str, Any] | None) -> io.BufferedReader:
         return io.BufferedReader(_ResumingReader(self, key, answer), buffer_size=1024 * 1024)
@@ -406,6 +435,15 @@ def _to_metadata(meta: ObjectMeta) -> dict[str, str]:
     metadata = {SHA_KEY: meta.sha256, SIZE_KEY: str(meta.size)}
     metadata.update({EXTRA_PREFIX + k.replace("_", "-"): str(v) for k, v in meta.extra.items()})
     return metadata
+
+
+def _tls_reason(exc: Exception) -> str:
+    text = str(exc)
+    for reason in ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "certificate verify failed",
+                   "wrong version number", "hostname mismatch"):
+        if reason in text:
+            return reason.lower().replace("_", " ")
+    return type(exc).__name__
 
 
 def _describe_connection_error(exc: Exception) -> str:
