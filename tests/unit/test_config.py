@@ -133,7 +133,9 @@ def test_missing_required_fields(field: str) -> None:
     ("backup.checkpoint", "slow", "backup.checkpoint must be 'fast' or 'spread', not 'slow'"),
     ("retention.pitr_window", "forever", "retention.pitr_window: 'forever' is not a duration; write e.g."),
     ("retention.timezone", "Mars/Olympus", "retention.timezone: unknown time zone 'Mars/Olympus'; use an IANA"),
-    ("repository.url", "s3://bucket/x", "repository.url: s3:// repositories are not supported yet; use file://"),
+    ("repository.url", "s3://Bad_Bucket/x", "repository.url: 'Bad_Bucket' is not a valid bucket name"),
+    ("repository.url", "s3://", "repository.url: 's3://' names no bucket"),
+    ("repository.url", "ftp://h/x", "repository.url: unsupported scheme 'ftp'"),
     ("repository.url", "file:relative/x", "repository.url: a file repository needs an absolute path"),
     ("repository.url", "file://var/lib/pgvault", "repository.url: 'file://var/lib/pgvault' names a host (var); "
                                                  "a file repository needs three slashes, e.g. file:///var/lib"),
