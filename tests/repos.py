@@ -217,11 +217,12 @@ class S3Repo:
         return self.read(key), head["Metadata"], sidecar, self._versions(key)
 
     def snapshot(self) -> dict[str, str]:
-        found = {item["Key"]: item["ETag"] for item in self._all()}
-        uploads = self.client.list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])
-        found.update({f"upload:{u['Key']}:{u['UploadId']}": "upload" for u in uploads})
+        cut = len(self._full(""))
+        found = {item["Key"][cut:]: item["ETag"] for item in self._all()}
+        uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._full("")).get("Uploads", [])
+        found.update({f"upload:{u['Key'][cut:]}:{u['UploadId']}": "upload" for u in uploads})
         return found
 
     def debris(self, prefix: str = "") -> list[str]:
         uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._full(prefix)).get("Uploads", [])
-        return sorted(u["Key"] for u in uploads)
+        return sorted(u["Key"][len(self._full("")):] for u in uploads)

@@ -9,21 +9,22 @@ from conftest import Cluster, new_cluster, run_pgvault, write_policy
 
 
 def test_init_is_idempotent(cluster: Cluster) -> None:
-    first = json.loads((cluster.repo / "test" / "cluster.json").read_text())
+    state = cluster.repo.state("test/cluster.json")
+    first = json.loads(cluster.repo.read("test/cluster.json"))
     again = cluster.ok("init")
     assert "already initialized" in again.stdout
-    assert json.loads((cluster.repo / "test" / "cluster.json").read_text()) == first
+    assert cluster.repo.state("test/cluster.json") == state, "init rewrote cluster.json"
     assert first["system_id"] == cluster.sql("SELECT system_identifier FROM pg_control_system()")
 
 
 def test_init_refuses_a_repository_of_another_system(cluster: Cluster, workdir: Path) -> None:
     other = new_cluster(workdir, name="other", repo=cluster.repo, init=False)
     try:
-        before = (cluster.repo / "test" / "cluster.json").read_bytes()
+        before = cluster.repo.state("test/cluster.json")
         result = other.pgvault("init")
         assert result.returncode == 1
         assert "belongs to database system" in result.stderr
-        assert (cluster.repo / "test" / "cluster.json").read_bytes() == before
+        assert cluster.repo.state("test/cluster.json") == before
     finally:
         other.pg.stop(mode="immediate")
 
@@ -32,7 +33,7 @@ def test_check_proves_archiving_with_a_wal_switch(cluster: Cluster) -> None:
     result = cluster.ok("check", "--json")
     report = json.loads(result.stdout)
     archived = dict((c["check"], c["result"]) for c in report["checks"])["WAL archived"]
-    assert (cluster.repo / "test" / "wal" / archived[:16] / f"{archived}.zst").is_file()
+    assert cluster.repo.exists(f"test/wal/{archived[:16]}/{archived}.zst")
 
 
 def test_check_says_archiving_is_broken_when_segments_do_not_arrive(cluster: Cluster, workdir: Path) -> None:

@@ -290,6 +290,11 @@ def test_sweep_removes_only_temp_files(storage: FileStorage) -> None:
     assert storage.sweep("c/backups/") == 1
     assert not tmp.exists()
     assert storage.sweep("c/backups/") == 0
+    # A backup killed before its first part was published leaves a directory with a temp file only.
+    (storage.root / "c/backups/b2").mkdir()
+    (storage.root / "c/backups/b2/.tmp.part-00000.tar.zst.7.cafe").write_bytes(b"x")
+    assert storage.sweep("c/backups/") == 1
+    assert not (storage.root / "c/backups/b2").exists() and (storage.root / "c/backups/b1").is_dir()
     assert _read(storage, "c/backups/b1/part-00000.tar.zst") == b"p0"
 
 

@@ -113,6 +113,22 @@ def test_a_lease_whose_holder_died_on_this_host_is_taken_over(storage: FileStora
         assert json.loads(storage.open("c/locks/backup.lock")[0].read())["token"] == lock.token
 
 
+def test_a_lease_whose_holder_is_a_zombie_is_taken_over(storage: FileStorage) -> None:
+    # Killed but not yet reaped (its parent died with it; init reaps it a moment later).
+    child = subprocess.Popen(["sleep", "60"])
+    child.kill()
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    _plant(storage, token="old", pid=child.pid, host=socket.gethostname(), since=0, expires=time.time() + 3600)
+    try:
+        with LeaseLock(storage, "c/locks/backup.lock", what="backup"):
+            pass
+    finally:
+        child.wait()
+
+
 def test_an_expired_lease_of_another_host_is_taken_over_and_a_live_one_is_not(storage: FileStorage) -> None:
     _plant(storage, token="old", pid=1, host="elsewhere", since=0, expires=time.time() - 1)
     with LeaseLock(storage, "c/locks/backup.lock", what="backup"):

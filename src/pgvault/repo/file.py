@@ -186,12 +186,17 @@ class FileStorage:
         if not start.is_dir():
             return 0
         removed = 0
-        for dirpath, _dirnames, filenames in os.walk(start):
+        # Bottom-up, so a directory the sweep empties (a backup killed before its first part was
+        # published) goes too; no listing would ever show it, so nothing else would remove it.
+        for dirpath, _dirnames, filenames in os.walk(start, topdown=False):
             for name in filenames:
                 if name.startswith(TMP_PREFIX):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(dirpath, name))
                         removed += 1
+            if Path(dirpath) != start:
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)  # fails, harmlessly, unless empty
         return removed
 
     def delete(self, keys: Iterable[str]) -> None:

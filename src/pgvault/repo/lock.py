@@ -72,6 +72,22 @@ class FileLock:
             self._fd = None
 
 
+def _alive(pid: object) -> bool:
+    """Whether a process of this host still runs; a zombie (killed, not yet reaped) does not."""
+    try:
+        number = int(pid)  # type: ignore[call-overload]
+        os.kill(number, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # cannot tell: treat as held, the lease expiry settles it
+    try:
+        stat = Path(f"/proc/{number}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 def _held_since(info: dict[str, Any]) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info.get("since", 0)))
     return f"pid {info.get('pid')} on {info.get('host')}, since {started}"
@@ -111,12 +127,7 @@ class LeaseLock:
         if not info or float(info.get("expires", 0)) < time.time():
             return True
         if info.get("host") == socket.gethostname():
-            try:
-                os.kill(int(info.get("pid", 0)), 0)
-            except ProcessLookupError:
-                return True  # its holder died on this very host
-            except (PermissionError, ValueError):
-                return False
+            return not _alive(info.get("pid"))  # its holder died on this very host
         return False
 
     def __enter__(self) -> LeaseLock:
