@@ -281,5 +281,8 @@ def cluster(workdir: Path, backend: str) -> Iterator[Cluster]:
 
 
 def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL a process group started with start_new_session, and reap its leader."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
