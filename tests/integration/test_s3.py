@@ -16,7 +16,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import PGVAULT, Cluster, Mark, make_workdir, moto, new_cluster, rows_of
+import yaml
+from conftest import PGVAULT, Cluster, Mark, make_workdir, moto, new_cluster, rows_of, run_pgvault
 from faultproxy import FaultProxy
 from repos import S3Repo
 
@@ -281,3 +282,34 @@ def cluster_s3(workdir: Path) -> Iterator[Cluster]:
     finally:
         with contextlib.suppress(Exception):
             made.pg.stop(mode="immediate")
+
+
+def test_endpoint_and_credentials_come_from_the_standard_aws_configuration(cluster_s3: Cluster) -> None:
+    cluster = cluster_s3
+    backup = cluster.backup()
+    assert isinstance(cluster.repo, S3Repo)
+    base = {"cluster": "test", "postgres": {"conninfo": cluster.pg.conninfo()}}
+
+    # The endpoint from AWS_ENDPOINT_URL_S3, as the aws CLI takes it.
+    bare = cluster.workdir / "bare.yaml"
+    bare.write_text(yaml.safe_dump({**base, "repository": {"url": cluster.repo.url}}))
+    chown_to_db_user(bare)
+    result = run_pgvault("-q", "list", "--json", config=bare, env={"AWS_ENDPOINT_URL_S3": moto().url})
+    assert result.returncode == 0, result.out
+    assert [b["id"] for b in json.loads(result.stdout)["backups"]] == [backup]
+
+    # A named profile of the shared files: credentials and endpoint, nothing in the environment.
+    aws = cluster.db_user_dir("aws")
+    (aws / "credentials").write_text("[pgv]\naws_access_key_id = profile-key\naws_secret_access_key = profile-secret\n")
+    (aws / "config").write_text(f"[profile pgv]\nregion = us-east-1\nendpoint_url = {moto().url}\n")
+    for name in ("credentials", "config"):
+        chown_to_db_user(aws / name)
+    profiled = cluster.workdir / "profiled.yaml"
+    profiled.write_text(yaml.safe_dump({**base, "repository": {"url": cluster.repo.url, "s3": {"profile": "pgv"}}}))
+    chown_to_db_user(profiled)
+    env = {"AWS_CONFIG_FILE": str(aws / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(aws / "credentials"),
+           "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    result = run_pgvault("-q", "list", "--json", config=profiled, env=env)
+    assert result.returncode == 0, result.out
+    assert [b["id"] for b in json.loads(result.stdout)["backups"]] == [backup]
+    assert "profile-secret" not in result.out
