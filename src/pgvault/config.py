@@ -235,10 +235,61 @@ class RetentionConfig(_Section):
         return name
 
 
+def _cron(expression: Any) -> str:
+    from croniter import croniter
+
+    if not isinstance(expression, str) or not croniter.is_valid(expression):
+        raise ValueError(f"{expression!r} is not a cron expression; write five fields, e.g. '0 2 * * *' "
+                         "(02:00 every day)")
+    return expression
+
+
+Cron = Annotated[str, BeforeValidator(_cron)]
+
+
 class ScheduleConfig(_Section):
-    backup: str = "0 2 * * *"
-    verify: str = "30 3 * * *"
-    drill: str = "0 4 1 */3 *"
+    backup: Cron = "0 2 * * *"
+    verify: Cron = "30 3 * * *"
+    drill: Cron = "0 4 1 */3 *"
+    timezone: str = "UTC"  # the zone the cron expressions are read in
+    retries: StrictInt = Field(default=2, ge=0, le=20)  # a failed job runs again this many times
+    retry_delay: Duration = timedelta(minutes=5)
+    # With Patroni: only the node this picks takes backups (the others skip), decided from the
+    # REST API of the members listed here; "replica" means a healthy streaming replica if there
+    # is one, else the leader.
+    patroni_urls: list[str] = Field(default_factory=list)
+    backup_from: Literal["leader", "replica"] = "replica"
+    max_replica_lag: Size = 16 * 1024 * 1024
+    # This node's Patroni member name (default: the host name).
+    member: str | None = None
+    metrics_listen: str = "127.0.0.1:9188"  # where `schedule run` serves Prometheus metrics; "" = off
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        return RetentionConfig._known_zone(name)
+
+
+class AlertsConfig(_Section):
+    """Webhooks called on failure and on recovery; unset, SLACK_WEBHOOK_URL / ALERT_WEBHOOK_URL apply."""
+
+    slack_webhook_url: SecretStr | None = None
+    webhook_url: SecretStr | None = None
+    timeout: Duration = timedelta(seconds=10)
+    retries: StrictInt = Field(default=3, ge=0, le=10)
+
+
+class DrillCheck(_Section):
+    name: str
+    database: str = "postgres"
+    query: str
+    expect: str  # the first column of the first row, as text
+
+
+class DrillConfig(_Section):
+    checks: list[DrillCheck] = Field(default_factory=list)
+    amcheck: bool = True  # pg_amcheck over every database of the restored copy
+    timeout: Duration = timedelta(minutes=30)  # restore + recovery + checks
 
 
 class Policy(_Section):
@@ -251,6 +302,8 @@ class Policy(_Section):
     restore: RestoreConfig = RestoreConfig()
     retention: RetentionConfig = RetentionConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    drill: DrillConfig = DrillConfig()
 
 
 
@@ -274,7 +327,7 @@ _TYPE_RULES = {
 }
 
 
-_SECRET_WORDS = ("secret", "token", "password", "access_key")
+_SECRET_WORDS = ("secret", "token", "password", "access_key", "webhook")
 
 
 def _describe(error: dict[str, Any], source: str) -> str:

@@ -46,6 +46,28 @@ class Layout:
     def sentinel_key(self, backup_id: str) -> str:
         return f"{self.cluster}/backups/{backup_id}/backup.json"
 
+    def pin_key(self, backup_id: str) -> str:
+        """Present while `pgvault keep ID` protects the backup from expiry."""
+        return f"{self.cluster}/pins/{backup_id}.json"
+
+    @property
+    def pins_prefix(self) -> str:
+        return f"{self.cluster}/pins/"
+
+    def verify_report_key(self, report_id: str) -> str:
+        return f"{self.cluster}/verify/{report_id}.json"
+
+    @property
+    def verify_prefix(self) -> str:
+        return f"{self.cluster}/verify/"
+
+    def drill_report_key(self, report_id: str) -> str:
+        return f"{self.cluster}/drills/{report_id}.json"
+
+    @property
+    def drills_prefix(self) -> str:
+        return f"{self.cluster}/drills/"
+
     @property
     def probe_key(self) -> str:
         return f"{self.cluster}/.pgvault-write-probe"

@@ -1,0 +1,3 @@
+"""drill: the DR drill command."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""metrics: the Prometheus metrics command."""
+
+from __future__ import annotations

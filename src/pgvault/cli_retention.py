@@ -1,0 +1,3 @@
+"""expire and keep: the retention commands."""
+
+from __future__ import annotations

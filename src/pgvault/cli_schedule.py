@@ -1,0 +1,3 @@
+"""schedule run, schedule show and cron: the scheduler commands."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""verify: the integrity command."""
+
+from __future__ import annotations
