@@ -24,6 +24,7 @@ class ObjectMeta:
 class ObjectInfo:
     key: str
     size: int
+    modified: float | None = None  # when the object was stored (Unix time), as the backend knows it
 
 
 class Storage(Protocol):

@@ -174,10 +174,10 @@ class FileStorage:
                 if not key.startswith(prefix):
                     continue
                 try:
-                    size = os.stat(os.path.join(dirpath, name)).st_size
+                    st = os.stat(os.path.join(dirpath, name))
                 except FileNotFoundError:
                     continue
-                found.append(ObjectInfo(key=key, size=size))
+                found.append(ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime))
         yield from sorted(found, key=lambda obj: obj.key)
 
     def sweep(self, prefix: str) -> int:

@@ -333,7 +333,9 @@ class S3Storage:
             for item in page.get("Contents", []):
                 key = item["Key"][len(self.prefix):]
                 if not key.endswith(META_SUFFIX):
-                    yield ObjectInfo(key=key, size=int(item["Size"]))
+                    modified = item.get("LastModified")
+                    yield ObjectInfo(key=key, size=int(item["Size"]),
+                                     modified=modified.timestamp() if modified is not None else None)
             if not page.get("IsTruncated"):
                 return
             token = page["NextContinuationToken"]
