@@ -269,6 +269,26 @@ class ScheduleConfig(_Section):
     def _known_zone(cls, name: str) -> str:
         return RetentionConfig._known_zone(name)
 
+    @field_validator("metrics_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            from pgvault.metrics import parse_listen
+
+            parse_listen(value)
+        return value
+
+    @field_validator("patroni_urls")
+    @classmethod
+    def _rest_api_urls(cls, urls: list[str]) -> list[str]:
+        # Caught here, not at 02:00: a URL without scheme would only fail when the first backup is due.
+        for url in urls:
+            parsed = urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                shown = re.sub(r"(?<=://)[^/@\s]+@", "", url)  # no user:password in the message
+                raise ValueError(f"{shown!r} is not the URL of a Patroni REST API; write e.g. http://10.0.0.1:8008")
+        return urls
+
 
 class AlertsConfig(_Section):
     """Webhooks called on failure and on recovery; unset, SLACK_WEBHOOK_URL / ALERT_WEBHOOK_URL apply."""
@@ -277,6 +297,23 @@ class AlertsConfig(_Section):
     webhook_url: SecretStr | None = None
     timeout: Duration = timedelta(seconds=10)
     retries: StrictInt = Field(default=3, ge=0, le=10)
+
+    @field_validator("slack_webhook_url", "webhook_url")
+    @classmethod
+    def _http_url(cls, url: SecretStr | None) -> SecretStr | None:
+        # Caught when the policy loads, not at the first failure; the message never repeats the URL.
+        if url is not None:
+            parsed = urlparse(url.get_secret_value())
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError("must be an http(s) URL such as https://hooks.slack.com/services/...")
+        return url
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 1:
+            raise ValueError("must be at least 1s")
+        return value
 
 
 class DrillCheck(_Section):
@@ -290,6 +327,17 @@ class DrillConfig(_Section):
     checks: list[DrillCheck] = Field(default_factory=list)
     amcheck: bool = True  # pg_amcheck over every database of the restored copy
     timeout: Duration = timedelta(minutes=30)  # restore + recovery + checks
+    # Where the scratch copy goes (a directory per drill, removed afterwards); it needs room for the
+    # whole restored cluster, which /tmp (often a small tmpfs) may not have. Default: $TMPDIR or /tmp.
+    # Not checked when the policy loads: wal-push on hosts that never drill must not fail over it.
+    scratch_dir: Path | None = None
+
+    @field_validator("scratch_dir")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_absolute():
+            raise ValueError(f"{str(path)!r} is not an absolute path; write e.g. /srv/pgvault-drills")
+        return path
 
 
 class Policy(_Section):
