@@ -174,6 +174,12 @@ class Catalog:
                    if (rec := self.backup(backup_id)) is not None]
         return sorted(records, key=lambda r: (r.stop.value, r.stop_time))
 
+    def pinned_ids(self) -> set[str]:
+        """Backup ids that `pgvault keep` pinned (expire never deletes them)."""
+        prefix = self.layout.pins_prefix
+        return {obj.key[len(prefix):].removesuffix(".json") for obj in self.storage.list(prefix)
+                if obj.key.endswith(".json") and "/" not in obj.key[len(prefix):]}
+
     def incomplete_backups(self) -> list[str]:
         return [backup_id for backup_id, done in self.backup_ids() if not done]
 

@@ -269,11 +269,12 @@ def _waldump(policy: Policy, pg_version: int) -> str:
     return pg_tool("pg_waldump", pg_version // 10000)
 
 
-def _backup_row(b: Any) -> dict[str, Any]:
+def _backup_row(b: Any, pins: set[str]) -> dict[str, Any]:
     return {
         "id": b.id, "status": "ok", "start_time": b.start_time.isoformat(), "stop_time": b.stop_time.isoformat(),
         "start_lsn": b.start_lsn, "stop_lsn": b.stop_lsn, "timeline": b.timeline, "raw_size": b.raw_size,
         "stored_size": b.stored_size, "duration_s": b.duration_s, "annotations": b.annotations,
+        "pinned": b.id in pins,
     }
 
 
@@ -315,23 +316,27 @@ def list_(ctx: Context, as_json: bool) -> None:
     storage = ctx.storage(policy)
     from pgvault.catalog import Catalog
 
-    info = Catalog(storage, policy.cluster).require_cluster_info()
+    catalog = Catalog(storage, policy.cluster)
+    info = catalog.require_cluster_info()
     view = Recoverable(storage, policy.cluster, _waldump(policy, info.pg_version))
     windows = [view.window(t) for t in view.timelines()]
+    pins = catalog.pinned_ids()
     if as_json:
-        _emit_json({"backups": [_backup_row(b) for b in view.backups],
+        _emit_json({"backups": [_backup_row(b, pins) for b in view.backups],
                     "windows": [w.as_dict() for w in windows]})
         return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"backups of cluster {policy.cluster}", title_justify="left")
-    for column in ("id", "status", "start", "stop", "stop LSN", "TL", "raw", "stored", "took", "annotations"):
+    for column in ("id", "status", "start", "stop", "stop LSN", "TL", "raw", "stored", "took", "pinned",
+                   "annotations"):
         table.add_column(column)
     for b in view.backups:
         table.add_row(b.id, "ok", f"{b.start_time:%Y-%m-%d %H:%M:%S}", f"{b.stop_time:%Y-%m-%d %H:%M:%S}",
                       b.stop_lsn, str(b.timeline), _size(b.raw_size), _size(b.stored_size),
-                      f"{b.duration_s:.1f}s", ", ".join(f"{k}={v}" for k, v in b.annotations.items()))
+                      f"{b.duration_s:.1f}s", "yes" if b.id in pins else "",
+                      ", ".join(f"{k}={v}" for k, v in b.annotations.items()))
     Console(width=160).print(table)
     _render_windows(windows)
 
@@ -357,8 +362,9 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
             raise RepositoryError(f"no backup {backup_id!r} in this repository",
                                   hint="pgvault list shows backup ids")
         data = record.model_dump(mode="json")
+        pinned = backup_id in catalog.pinned_ids()
         if as_json:
-            _emit_json(data)
+            _emit_json({**data, "pinned": pinned})  # "pinned" is the repository's, not backup.json's
             return
         data["annotations"] = ", ".join(f"{k}={v}" for k, v in record.annotations.items()) or "-"
         data["pg_version"] = _pg_version(record.pg_version)
@@ -366,6 +372,7 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
                     "checkpoint_lsn", "start_wal", "stop_wal", "next_xid", "raw_size", "stored_size", "duration_s",
                     "annotations", "pgvault_version"):
             click.echo(f"{key:<16} {data[key]}")
+        click.echo(f"{'pinned':<16} {'yes' if pinned else 'no'}")
         for space in record.tablespaces:
             click.echo(f"{'tablespace':<16} {space.name} (OID {space.oid}) at {space.location}")
         click.echo(f"{'parts':<16} {len(record.parts)}")
@@ -377,9 +384,10 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
 
     view = Recoverable(storage, policy.cluster, _waldump(policy, cluster.pg_version))
     windows = [view.window(t) for t in view.timelines()]
+    pins = catalog.pinned_ids()
     if as_json:
         _emit_json({"cluster": cluster.model_dump(mode="json"), "repository": policy.repository.url,
-                    "backups": [_backup_row(b) for b in view.backups],
+                    "backups": [_backup_row(b, pins) for b in view.backups],
                     "windows": [w.as_dict() for w in windows]})
         return
     click.echo(f"cluster      {cluster.cluster} (system {cluster.system_id}, "

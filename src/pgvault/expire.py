@@ -70,13 +70,6 @@ class Gathered:
     wal_sizes: dict[str, int]  # stored bytes per WAL file name
 
 
-def pinned_ids(catalog: Catalog) -> set[str]:
-    """Backup ids that carry a pin (also for `list`/`info` to show)."""
-    prefix = catalog.layout.pins_prefix
-    return {obj.key[len(prefix):].removesuffix(".json") for obj in catalog.storage.list(prefix)
-            if obj.key.endswith(".json") and "/" not in obj.key[len(prefix):]}
-
-
 def gather(catalog: Catalog, segment_size: int) -> Gathered:
     records = {r.id: r for r in catalog.backups()}
     wal_sizes: dict[str, int] = {}
@@ -90,7 +83,7 @@ def gather(catalog: Catalog, segment_size: int) -> Gathered:
         if is_history(name):
             histories[int(name[:8], 16)] = catalog.history(int(name[:8], 16))
     inventory = Inventory(backups=[facts_of(r) for r in records.values()], wal=sorted(wal_sizes),
-                          histories=histories, pins=frozenset(pinned_ids(catalog)), segment_size=segment_size)
+                          histories=histories, pins=frozenset(catalog.pinned_ids()), segment_size=segment_size)
     return Gathered(inventory, records, wal_sizes)
 
 

@@ -180,6 +180,11 @@ def test_keep_pins_and_releases_and_refuses_unknown_ids(retained: Cluster) -> No
     assert c.ok("keep", backup_id).stdout == (f"backup {backup_id} pinned: expire keeps it until "
                                               f"pgvault keep {backup_id} --release\n")
     assert c.repo.exists(pin)
+    # list and info show the pin.
+    rows = {b["id"]: b["pinned"] for b in json.loads(c.ok("-q", "list", "--json").stdout)["backups"]}
+    assert rows[backup_id] is True and list(rows.values()).count(True) == 1, rows
+    assert json.loads(c.ok("-q", "info", backup_id, "--json").stdout)["pinned"] is True
+    assert "pinned           yes" in c.ok("-q", "info", backup_id).stdout
     assert json.loads(c.ok("keep", backup_id, "--json").stdout) == {"backup_id": backup_id, "pinned": True,
                                                                    "changed": False}
     before = repository_state(c)
@@ -194,4 +199,5 @@ def test_keep_pins_and_releases_and_refuses_unknown_ids(retained: Cluster) -> No
     assert repository_state(c) == before
     assert c.ok("keep", backup_id, "--release").stdout == f"backup {backup_id} released: expire may delete it\n"
     assert not c.repo.exists(pin)
+    assert json.loads(c.ok("-q", "info", backup_id, "--json").stdout)["pinned"] is False
     assert c.ok("keep", backup_id, "--release").stdout == f"backup {backup_id} was not pinned\n"
