@@ -17,6 +17,7 @@ import click
 
 from pgvault import __version__
 from pgvault.errors import ObjectNotFound, PgvaultError, RepositoryError
+from pgvault.units import format_size
 
 if TYPE_CHECKING:
     from pgvault.config import Policy
@@ -261,12 +262,10 @@ def _pg_version(num: int) -> str:
     return f"{num // 10000}.{num % 10000}"
 
 
-def _waldump(policy: Policy, pg_version: int) -> str:
-    from pgvault.pg.instance import pg_tool
+def _waldump(bindir: Path | None, pg_version: int) -> str:
+    from pgvault.pg.waldump import waldump_path
 
-    if policy.postgres.bindir is not None:
-        return str(policy.postgres.bindir / "pg_waldump")
-    return pg_tool("pg_waldump", pg_version // 10000)
+    return waldump_path(bindir, pg_version)
 
 
 def _backup_row(b: Any, pins: set[str]) -> dict[str, Any]:
@@ -276,15 +275,6 @@ def _backup_row(b: Any, pins: set[str]) -> dict[str, Any]:
         "stored_size": b.stored_size, "duration_s": b.duration_s, "annotations": b.annotations,
         "pinned": b.id in pins,
     }
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def _render_windows(windows: list[Any]) -> None:
@@ -318,7 +308,7 @@ def list_(ctx: Context, as_json: bool) -> None:
 
     catalog = Catalog(storage, policy.cluster)
     info = catalog.require_cluster_info()
-    view = Recoverable(storage, policy.cluster, _waldump(policy, info.pg_version))
+    view = Recoverable(storage, policy.cluster, _waldump(policy.postgres.bindir, info.pg_version))
     windows = [view.window(t) for t in view.timelines()]
     pins = catalog.pinned_ids()
     if as_json:
@@ -334,7 +324,7 @@ def list_(ctx: Context, as_json: bool) -> None:
         table.add_column(column)
     for b in view.backups:
         table.add_row(b.id, "ok", f"{b.start_time:%Y-%m-%d %H:%M:%S}", f"{b.stop_time:%Y-%m-%d %H:%M:%S}",
-                      b.stop_lsn, str(b.timeline), _size(b.raw_size), _size(b.stored_size),
+                      b.stop_lsn, str(b.timeline), format_size(b.raw_size), format_size(b.stored_size),
                       f"{b.duration_s:.1f}s", "yes" if b.id in pins else "",
                       ", ".join(f"{k}={v}" for k, v in b.annotations.items()))
     Console(width=160).print(table)
@@ -382,7 +372,7 @@ def info(ctx: Context, backup_id: str | None, as_json: bool) -> None:
         return
     from pgvault.recoverable import Recoverable
 
-    view = Recoverable(storage, policy.cluster, _waldump(policy, cluster.pg_version))
+    view = Recoverable(storage, policy.cluster, _waldump(policy.postgres.bindir, cluster.pg_version))
     windows = [view.window(t) for t in view.timelines()]
     pins = catalog.pinned_ids()
     if as_json:
@@ -460,7 +450,7 @@ def restore(ctx: Context, pgdata: Path, backup_id: str | None, target_time: date
                              mode="delta" if delta else "force" if force else "new",
                              config_path=ctx.policy_path(), tablespace_map=dict(tablespace_map),
                              dry_run=dry_run)
-    result = run_restore(storage, policy, request, waldump=_waldump(policy, cluster.pg_version),
+    result = run_restore(storage, policy, request, waldump=_waldump(policy.postgres.bindir, cluster.pg_version),
                          progress=ctx.progress)
     if as_json:
         _emit_json(result.as_dict())

@@ -7,8 +7,9 @@ from typing import Any
 
 import click
 
-from pgvault.cli import Context, Parsed, _emit_json, _size, _target_time, cli, pass_context
+from pgvault.cli import Context, Parsed, _emit_json, _target_time, cli, pass_context
 from pgvault.errors import PgvaultError
+from pgvault.units import format_size
 
 
 @cli.command()
@@ -72,9 +73,9 @@ def render(data: dict[str, Any]) -> str:
         lines.append("  RPO           -")
     sizes = data["sizes"]
     if sizes["backup_stored_bytes"] is not None:
-        restored = _size(sizes["restored_bytes"]) if sizes["restored_bytes"] is not None else "-"
-        lines.append(f"  sizes         backup {_size(sizes['backup_stored_bytes'])} stored, "
-                     f"{_size(sizes['backup_raw_bytes'])} raw; restored data {restored}")
+        restored = format_size(sizes["restored_bytes"]) if sizes["restored_bytes"] is not None else "-"
+        lines.append(f"  sizes         backup {format_size(sizes['backup_stored_bytes'])} stored, "
+                     f"{format_size(sizes['backup_raw_bytes'])} raw; restored data {restored}")
     lines.append("  steps")
     for step in data["steps"]:
         lines.append(f"    {step['name']:<10} {step['seconds']:8.2f} s  {'ok' if step['ok'] else 'FAILED'}")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from pgvault.cli import Context, Parsed, _emit_json, cli, pass_context
+from pgvault.units import format_size
 
 if TYPE_CHECKING:
     from pgvault.expire import ExpireResult
@@ -17,15 +18,6 @@ def _moment(text: str) -> datetime:
     from pgvault.targets import parse_target_time
 
     return parse_target_time(text)
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 @cli.command()
@@ -81,7 +73,7 @@ def _render(result: ExpireResult) -> None:
         click.echo(f"warning: {warning}", err=True)
     done = "dry run, nothing deleted: " if result.dry_run else ""
     click.echo(f"{done}{plan.summary}; {'would free' if result.dry_run else 'freed'} "
-               f"{_size(result.freed_bytes)}")
+               f"{format_size(result.freed_bytes)}")
 
 
 @cli.command()

@@ -38,7 +38,8 @@ from pgvault import __version__
 from pgvault.catalog import BackupRecord, Catalog, read_json_object
 from pgvault.config import DrillCheck, Policy
 from pgvault.errors import ObjectExists, PgvaultError, PostgresError, TargetUnreachable
-from pgvault.pg.instance import DB_SUPERUSER, LocalInstance, chown_to_db_user, find_bindir, free_port, pg_tool
+from pgvault.pg.instance import DB_SUPERUSER, LocalInstance, chown_to_db_user, find_bindir, free_port
+from pgvault.pg.waldump import waldump_path
 from pgvault.redaction import redact
 from pgvault.repo.base import Storage
 from pgvault.repo.layout import Layout
@@ -424,12 +425,6 @@ class _Deadline:
         return left
 
 
-def _waldump(policy: Policy, pg_version: int) -> str:
-    if policy.postgres.bindir is not None:
-        return str(policy.postgres.bindir / "pg_waldump")
-    return pg_tool("pg_waldump", pg_version // 10000)
-
-
 def _backup_summary(backup: BackupRecord) -> dict[str, Any]:
     return {"id": backup.id, "timeline": backup.timeline, "stop_time": backup.stop_time.isoformat(),
             "stop_lsn": backup.stop_lsn, "stored_bytes": backup.stored_size, "raw_bytes": backup.raw_size}
@@ -616,7 +611,7 @@ def run_drill(policy: Policy, storage: Storage, *, target_time: datetime | None 
             port = free_port()
 
             with report.step("plan", progress):
-                waldump = _waldump(policy, info.pg_version)
+                waldump = waldump_path(policy.postgres.bindir, info.pg_version)
                 plan = _plan(Recoverable(storage, policy.cluster, waldump), scratch, target,
                              refusable=target_time is not None)
                 report.backup = _backup_summary(plan.backup)

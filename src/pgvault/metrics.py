@@ -138,15 +138,6 @@ class Snapshot:
 # Collecting (I/O) -----------------------------------------------------------------------------
 
 
-def waldump_path(policy: Policy, pg_version: int) -> str:
-    """pg_waldump of the cluster's major version, as `list` and `info` find it."""
-    from pgvault.pg.instance import pg_tool
-
-    if policy.postgres.bindir is not None:
-        return str(policy.postgres.bindir / "pg_waldump")
-    return pg_tool("pg_waldump", pg_version // 10000)
-
-
 def collect(policy: Policy, storage: Storage, *, waldump: str | None = None) -> Snapshot:
     """Read everything the metrics show from the repository. Raises PgvaultError when it cannot."""
     from pgvault.catalog import Catalog
@@ -168,7 +159,9 @@ def collect(policy: Policy, storage: Storage, *, waldump: str | None = None) -> 
         if obj.key.startswith(layout.wal_prefix) and modified is not None:
             newest_wal = modified if newest_wal is None else max(newest_wal, modified)
 
-    view = Recoverable(storage, cluster, waldump or waldump_path(policy, info.pg_version))
+    from pgvault.pg.waldump import waldump_path
+
+    view = Recoverable(storage, cluster, waldump or waldump_path(policy.postgres.bindir, info.pg_version))
     last = max(view.backups, key=lambda b: b.stop_time, default=None)
     windows = []
     for timeline in view.timelines():

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pgvault.errors import LockedError, ObjectNotFound, PgvaultError
 from pgvault.redaction import redact
+from pgvault.units import format_size
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -663,15 +664,6 @@ def _log_result(event: JobEvent) -> None:
 
 # ---- the policy's jobs ------------------------------------------------------------------------------
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def policy_jobs(policy: Policy, storage: Storage) -> list[Job]:
     """backup, expire after it, verify and drill, calling the core functions (imported when they run)."""
 
@@ -680,7 +672,8 @@ def policy_jobs(policy: Policy, storage: Storage) -> list[Job]:
 
         record = run_backup(policy, storage, progress=run.progress,
                             annotations={"scheduled": _fmt(run.slot), "node": run.member})
-        return JobOutcome(True, f"backup {record.id}, {len(record.parts)} part(s), {_size(record.stored_size)} stored")
+        return JobOutcome(True, f"backup {record.id}, {len(record.parts)} part(s), "
+                                f"{format_size(record.stored_size)} stored")
 
     def expire(run: JobRun) -> JobOutcome:
         from pgvault.expire import run_expire

@@ -20,6 +20,7 @@ import yaml
 
 from pgvault.alerts import AlertEvent, notify, receivers, scrub_text
 from pgvault.config import Policy, parse_policy
+from pgvault.errors import ConfigError
 from pgvault.metrics import METRICS
 
 CONNINFO_PASSWORD = "hunter2-very-secret"
@@ -211,11 +212,16 @@ def test_an_unreachable_receiver_is_an_error_not_an_exception(receiver_factory: 
     assert "gave up after 2 tries" in errors[0]
 
 
-def test_a_url_that_is_not_http_is_reported_without_echoing_it() -> None:
-    errors = notify(policy_for(slack="hooks.slack.com/services/T1/B2/not-a-url-secret"), failed(), environ=NO_ENV)
-    assert len(errors) == 1
-    assert "not an http(s) URL" in errors[0] and "alerts.slack_webhook_url" in errors[0]
-    assert "not-a-url-secret" not in errors[0]
+def test_a_url_that_is_not_http_is_refused_without_echoing_it() -> None:
+    # In the policy: refused when the policy loads, not at the first failure.
+    with pytest.raises(ConfigError) as caught:
+        policy_for(slack="hooks.slack.com/services/T1/B2/not-a-url-secret")
+    assert "alerts.slack_webhook_url" in caught.value.message and "http(s) URL" in caught.value.message
+    assert "not-a-url-secret" not in caught.value.message
+    # From the environment: reported by notify, which never raises.
+    errors = notify(policy_for(), failed(), environ={"SLACK_WEBHOOK_URL": "hooks.slack.com/T1/B2/env-url-secret"})
+    assert len(errors) == 1 and "not an http(s) URL" in errors[0], errors
+    assert "env-url-secret" not in errors[0]
 
 
 def test_webhooks_come_from_the_environment_when_the_policy_sets_none(receiver_factory: Any) -> None:

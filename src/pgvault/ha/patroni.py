@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pgvault.errors import PgvaultError
+from pgvault.units import format_size
 
 # standby_leader: the leader of a Patroni standby cluster, which is what a backup there may use.
 LEADER_ROLES = ("leader", "standby_leader")
@@ -116,15 +117,6 @@ class PatroniClient:
                            "and that Patroni runs")
 
 
-def _bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def replica_problem(member: Member, max_lag: int) -> str | None:
     """Why a replica may not take a backup, or None when it is healthy."""
     if member.state not in HEALTHY_REPLICA_STATES:
@@ -132,7 +124,7 @@ def replica_problem(member: Member, max_lag: int) -> str | None:
     if member.lag is None:
         return f"{member.name}'s lag is unknown"
     if member.lag > max_lag:
-        return f"{member.name} lags {_bytes(member.lag)} (more than {_bytes(max_lag)})"
+        return f"{member.name} lags {format_size(member.lag)} (more than {format_size(max_lag)})"
     return None
 
 
@@ -163,7 +155,8 @@ def choose_backup_member(members: Sequence[Member], prefer: Literal["leader", "r
         problem = replica_problem(replica, max_lag)
         if problem is None:
             lag = replica.lag or 0
-            return Choice(replica.name, f"{replica.name} is a healthy replica ({replica.state}, lag {_bytes(lag)})")
+            return Choice(replica.name,
+                          f"{replica.name} is a healthy replica ({replica.state}, lag {format_size(lag)})")
         problems.append(problem)
     why = "; ".join(problems) if problems else "there are no replicas"
     if leader is None:

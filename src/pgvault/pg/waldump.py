@@ -18,6 +18,15 @@ from pathlib import Path
 from pgvault.errors import PostgresError
 from pgvault.pg.wal import Lsn, WalSegment
 
+
+def waldump_path(bindir: Path | None, pg_version: int) -> str:
+    """pg_waldump of the cluster's major version: from postgres.bindir if set, else found like pg_ctl."""
+    if bindir is not None:
+        return str(bindir / "pg_waldump")
+    from pgvault.pg.instance import pg_tool
+
+    return pg_tool("pg_waldump", pg_version // 10000)
+
 _LINE = re.compile(
     r"^rmgr: (?P<rmgr>\w+)\s+len \(rec/tot\):\s+\d+/\s*(?P<tot>\d+), tx:\s+(?P<xid>\d+), "
     r"lsn: (?P<lsn>[0-9A-F]+/[0-9A-F]+), prev [0-9A-F]+/[0-9A-F]+, desc: (?P<desc>.*)$"
