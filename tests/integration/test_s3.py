@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import PGVAULT, Cluster, Mark, make_workdir, moto, new_cluster, rows_of, run_pgvault
 from faultproxy import FaultProxy
-from repos import S3Repo
+from repos import S3Repo, flip_byte
 
 from pgvault.archive import push
 from pgvault.catalog import Catalog
@@ -113,6 +113,27 @@ def test_a_repository_of_more_than_1000_wal_objects_lists_and_restores(
     restored, instance = cluster.restore_json("--target-time", third.between_next.isoformat())
     assert restored["backup_id"] == b["id"]
     assert rows_of(instance) == sorted(first.rows + second.rows + third.rows)
+
+
+def test_a_repository_of_more_than_1000_wal_objects_verifies(many_wal: tuple[Cluster, dict[str, object]]) -> None:
+    cluster, h = many_wal
+    report = json.loads(cluster.ok("-q", "verify", "--json").stdout)
+    assert report["ok"] is True and report["problems"] == [] and report["gaps"] == [], report["problems"]
+    assert report["checked"]["wal_segments"] > 1100
+    [window] = report["windows"]
+    a, b = h["a"], h["b"]
+    assert isinstance(a, dict) and isinstance(b, dict)
+    assert window["backups"] == [a["id"], b["id"]]
+    # A segment past the first listing page, damaged, is found and named.
+    victim = cluster.repo.keys("test/wal/")[1050]
+    assert isinstance(cluster.repo, S3Repo)
+    original = cluster.repo.read(victim)
+    flip_byte(cluster.repo, victim)
+    try:
+        damaged = cluster.pgvault("-q", "verify")
+        assert damaged.returncode == 1 and victim in damaged.stderr, damaged.out
+    finally:
+        cluster.repo.write_raw(victim, original)
 
 
 def test_wal_objects_are_found_by_name_across_listing_pages(many_wal: tuple[Cluster, dict[str, object]],
