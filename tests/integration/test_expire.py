@@ -148,7 +148,9 @@ def test_expire_waits_for_no_backup_and_removes_the_debris_of_a_killed_one(retai
     try:
         # The backup streams its parts, then waits (holding the lock) for WAL that never comes.
         deadline = time.monotonic() + 120
-        while not ([k for k in c.repo.keys(LAYOUT.backups_prefix) if kept not in k and "/part-" in k]
+        # By id, not substring: a backup started in the same second as `kept` is `<kept>-2`.
+        while not ([k for k in c.repo.keys(LAYOUT.backups_prefix)
+                    if k[len(LAYOUT.backups_prefix):].split("/")[0] != kept and "/part-" in k]
                    and c.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgvault-backup-%'")
                    == "0"):
             assert proc.poll() is None, proc.communicate()

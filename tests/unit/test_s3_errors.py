@@ -77,3 +77,11 @@ def test_connection_errors_are_transient_and_name_the_endpoint_without_its_passw
         _storage()._translated("PutObject", "k", _raise(error))
     assert "https://store.example.net:9000" in caught.value.message
     assert "hunter2" not in caught.value.message and "user" not in caught.value.message
+
+
+def test_a_body_cut_off_is_transient() -> None:
+    # What botocore raises when a response body ends before its Content-Length (seen through the
+    # fault proxy's "truncate" in the S3 integration tests).
+    error = botocore.exceptions.IncompleteReadError(actual_bytes=0, expected_bytes=212)
+    with pytest.raises(TransientError, match="the answer was cut off"):
+        _storage()._translated("GetObject", "k.meta", _raise(error))

@@ -118,7 +118,7 @@ class S3Storage:
                                   hint="check repository.s3.endpoint_url (http or https) and repository.s3.ca_bundle "
                                   "(or AWS_CA_BUNDLE)") from None
         except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
-                botocore.exceptions.ResponseStreamingError) as exc:
+                botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError) as exc:
             raise TransientError(f"{_describe_connection_error(exc)} (endpoint {self._endpoint()})",
                                  hint="check that the store is up and that repository.s3.endpoint_url (or "
                                  "AWS_ENDPOINT_URL_S3) names it; PostgreSQL keeps WAL and retries archive_command"
@@ -254,9 +254,10 @@ class S3Storage:
 
     def _sidecar_or_none(self, key: str) -> ObjectMeta | None:
         try:
-            answer = self._call("GetObject", key + META_SUFFIX, lambda: self.client.get_object(
-                Bucket=self.bucket, Key=self.prefix + key + META_SUFFIX))
-            raw = json.loads(self._call("GetObject", key + META_SUFFIX, answer["Body"].read))
+            # Request and body in one retried unit: a body cut off mid-read needs a new GET.
+            body = self._call("GetObject", key + META_SUFFIX, lambda: self.client.get_object(
+                Bucket=self.bucket, Key=self.prefix + key + META_SUFFIX)["Body"].read())
+            raw = json.loads(body)
             return ObjectMeta(size=int(raw["size"]), sha256=str(raw["sha256"]), extra=raw.get("extra") or {})
         except ObjectNotFound:
             return None
@@ -454,6 +455,8 @@ def _describe_connection_error(exc: Exception) -> str:
         return "the store did not answer in time (timeout)"
     if "Closed" in kind or "Reset" in kind or "Streaming" in kind:
         return "the connection was reset"
+    if "IncompleteRead" in kind:
+        return "the answer was cut off"
     if "EndpointConnection" in kind:
         return "cannot connect to the endpoint"
     return f"connection failed ({kind})"
