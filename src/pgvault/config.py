@@ -235,12 +235,17 @@ class RetentionConfig(_Section):
         return name
 
 
+CRON_OFF = "off"
+
+
 def _cron(expression: Any) -> str:
     from croniter import croniter
 
+    if isinstance(expression, str) and expression.strip().lower() == CRON_OFF:
+        return CRON_OFF  # this node does not run the job (e.g. drills on one node of a cluster only)
     if not isinstance(expression, str) or not croniter.is_valid(expression):
         raise ValueError(f"{expression!r} is not a cron expression; write five fields, e.g. '0 2 * * *' "
-                         "(02:00 every day)")
+                         "(02:00 every day), or off")
     return expression
 
 

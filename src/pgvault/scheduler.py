@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pgvault.config import CRON_OFF
 from pgvault.errors import LockedError, ObjectNotFound, PgvaultError
 from pgvault.redaction import redact
 from pgvault.units import format_size
@@ -705,7 +706,7 @@ def policy_jobs(policy: Policy, storage: Storage) -> list[Job]:
         return JobOutcome(False, redact(f"report {report.id}: " + "; ".join(report.failures[:3])))
 
     s = policy.schedule
-    return [
+    jobs = [
         # Abandoning a backup is safe anywhere: without its sentinel it is invisible debris that the
         # next backup removes (guarantee 3).
         Job("backup", backup, cron=s.backup, ha=True),
@@ -714,6 +715,10 @@ def policy_jobs(policy: Policy, storage: Storage) -> list[Job]:
         Job("verify", verify, cron=s.verify),  # reads only (its report is written last)
         Job("drill", drill, cron=s.drill),  # removes its scratch instance as it unwinds
     ]
+    # A job switched off (`off`) is not this node's; expire goes with backup.
+    off = {name for name, cron in (("backup", s.backup), ("verify", s.verify), ("drill", s.drill))
+           if cron == CRON_OFF}
+    return [job for job in jobs if job.name not in off and job.follows not in off]
 
 
 def this_member(config: ScheduleConfig) -> str:
@@ -776,7 +781,7 @@ def cron_table(policy: Policy, config_path: str, command: Sequence[str], user: s
         f"CRON_TZ={s.timezone}",
     ]
     for name, cron in (("backup, then expire", s.backup), ("verify", s.verify), ("drill", s.drill)):
-        lines += [f"# {name}", f"{cron} {user} {run}"]
+        lines += [f"# {name}: off on this node"] if cron == CRON_OFF else [f"# {name}", f"{cron} {user} {run}"]
     lines.append("# a run missed while the machine was off")
     lines.append(f"@reboot {user} {run}")
     return "\n".join(lines) + "\n"

@@ -717,3 +717,22 @@ def test_bad_patroni_url_is_a_config_error_naming_the_field(tmp_path: Path) -> N
 def _default_signals() -> Iterator[None]:
     yield
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_job_switched_off_is_not_run_here_and_expire_goes_with_backup(tmp_path: Path) -> None:
+    from pgvault.repo.file import FileStorage
+
+    storage = FileStorage(tmp_path)
+    policy = make_policy(tmp_path, drill="OFF", verify="30 3 * * *")
+    assert policy.schedule.drill == "off"
+    assert [job.name for job in policy_jobs(policy, storage)] == ["backup", "expire", "verify"]
+    no_backup = make_policy(tmp_path, backup="off", drill="off")
+    assert [job.name for job in policy_jobs(no_backup, storage)] == ["verify"]
+    table = cron_table(no_backup, "/etc/pgvault/p.yaml", ["/usr/bin/pgvault"], "postgres")
+    assert "# backup, then expire: off on this node" in table and "# drill: off on this node" in table
+    assert [line.split(" postgres ")[0] for line in table.splitlines() if " postgres " in line] == [
+        "30 3 * * *", "@reboot"]
+    from pgvault.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"schedule\.drill: 'of' is not a cron expression; .* or off"):
+        make_policy(tmp_path, drill="of")
