@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -158,6 +158,12 @@ class Cluster:
         """Switch WAL and wait until that segment is in the repository (pgvault check does exactly that)."""
         self.ok("-q", "check")
 
+    def stop_all(self) -> None:
+        """Stop the cluster and every copy restored from it (fixture teardown)."""
+        for instance in [*self.restored, self.pg]:
+            with contextlib.suppress(Exception):
+                instance.stop(mode="immediate")
+
     def db_user_dir(self, name: str) -> Path:
         """A new empty directory in the workdir that the database user owns."""
         path = self.workdir / name
@@ -275,9 +281,35 @@ def cluster(workdir: Path, backend: str) -> Iterator[Cluster]:
     try:
         yield made
     finally:
-        for instance in [*made.restored, made.pg]:
-            with contextlib.suppress(Exception):
-                instance.stop(mode="immediate")
+        made.stop_all()
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60, interval: float = 0.01) -> Any:
+    """Poll condition until it is truthy (returned) or timeout seconds pass (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def archiving_blocked(cluster: Cluster) -> Iterator[None]:
+    """archive_command = 'false': a backup then streams everything and waits (bounded) for its WAL."""
+    original = cluster.sql("SHOW archive_command")
+    cluster.sql("ALTER SYSTEM SET archive_command = 'false'")
+    cluster.sql("SELECT pg_reload_conf()")
+    wait_for(lambda: cluster.sql("SHOW archive_command") == "false", "archive_command = false")
+    try:
+        yield
+    finally:
+        quoted = "'" + original.replace("'", "''") + "'"
+        cluster.sql(f"ALTER SYSTEM SET archive_command = {quoted}")
+        cluster.sql("SELECT pg_reload_conf()")
+        wait_for(lambda: cluster.sql("SHOW archive_command") == original, "archive_command restored")
 
 
 def kill_group(proc: subprocess.Popen[Any]) -> None:

@@ -9,7 +9,6 @@ whatever the buckets, that is the newest backup. Bucketing itself is proven in t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import time
@@ -40,9 +39,7 @@ def retained(workdir: Path, backend: str) -> Iterator[Cluster]:
     try:
         yield made
     finally:
-        for instance in [*made.restored, made.pg]:
-            with contextlib.suppress(Exception):
-                instance.stop(mode="immediate")
+        made.stop_all()
 
 
 def backup_record(cluster: Cluster) -> dict[str, Any]:

@@ -20,9 +20,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import botocore.exceptions
 import pytest
@@ -31,12 +30,14 @@ from conftest import (
     PGVAULT,
     Cluster,
     Result,
+    archiving_blocked,
     kill_group,
     make_workdir,
     moto,
     new_cluster,
     new_repo,
     run_pgvault,
+    wait_for,
     write_policy,
 )
 from repos import S3_ENV, FileRepo, RepoHandle, S3Repo, flip_byte, free_port
@@ -54,17 +55,6 @@ PYTHON = str(Path(sys.executable).parent.resolve() / "python")
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
 
 def fresh_segment(cluster: Cluster) -> str:
     """Write something, switch WAL and wait until that segment is archived; return its name."""
@@ -151,28 +141,9 @@ def start_backup(cluster: Cluster, *args: str, argv: list[str] | None = None) ->
                             cwd="/tmp", start_new_session=True)
 
 
-def sql_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def backup_streams(cluster: Cluster) -> int:
     """Base backup streams in progress (pgvault names its replication connection pgvault-backup-<id>)."""
     return int(cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pgvault-backup-%'"))
-
-
-@contextlib.contextmanager
-def archiving_blocked(cluster: Cluster) -> Iterator[None]:
-    """archive_command = 'false': a backup then streams everything and waits (bounded) for its WAL."""
-    original = cluster.sql("SHOW archive_command")
-    cluster.sql("ALTER SYSTEM SET archive_command = 'false'")
-    cluster.sql("SELECT pg_reload_conf()")
-    wait_for(lambda: cluster.sql("SHOW archive_command") == "false", "archive_command = false")
-    try:
-        yield
-    finally:
-        cluster.sql(f"ALTER SYSTEM SET archive_command = {sql_literal(original)}")
-        cluster.sql("SELECT pg_reload_conf()")
-        wait_for(lambda: cluster.sql("SHOW archive_command") == original, "archive_command restored")
 
 
 def waiting_for_wal(cluster: Cluster, proc: subprocess.Popen[str], backup_id: str) -> bool:

@@ -84,9 +84,7 @@ def shared_history(backend: str) -> Iterator[History]:
         cluster.flush_archive()
         yield History(cluster, before_a, Marks(first.items + second.items + third.items), a, b)
     finally:
-        for instance in [*cluster.restored, cluster.pg]:
-            with contextlib.suppress(Exception):
-                instance.stop(mode="immediate")
+        cluster.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

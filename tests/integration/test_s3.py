@@ -80,9 +80,7 @@ def many_wal() -> Iterator[tuple[Cluster, dict[str, object]]]:
         cluster.flush_archive()
         yield cluster, {"a": a, "b": b, "first": first, "second": second, "third": third}
     finally:
-        for instance in [*cluster.restored, cluster.pg]:
-            with contextlib.suppress(Exception):
-                instance.stop(mode="immediate")
+        cluster.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

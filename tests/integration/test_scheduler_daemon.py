@@ -34,7 +34,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import Cluster, new_repo, run_pgvault, write_policy
+from conftest import Cluster, archiving_blocked, new_repo, run_pgvault, wait_for, write_policy
 from repos import RepoHandle, free_port
 
 from pgvault.config import Policy, load_policy, parse_policy
@@ -64,17 +64,6 @@ HERE = Path(__file__).resolve().parent
 UTC_ZONE = ZoneInfo("UTC")
 # No metrics server in tests: several schedulers run at once and would all want port 9188.
 QUIET = {"metrics_listen": ""}
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class ScaledClock:
@@ -392,22 +381,6 @@ def as_db_user_popen(cmd: list[str], **kwargs: Any) -> subprocess.Popen[str]:
         kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[],
                       env={**os.environ, "HOME": user.pw_dir, "USER": "postgres", "LOGNAME": "postgres"})
     return subprocess.Popen(cmd, cwd="/tmp", text=True, start_new_session=True, **kwargs)
-
-
-@contextlib.contextmanager
-def archiving_blocked(cluster: Cluster) -> Iterator[None]:
-    """archive_command = 'false': a backup then streams everything and waits for its WAL."""
-    original = cluster.sql("SHOW archive_command")
-    cluster.sql("ALTER SYSTEM SET archive_command = 'false'")
-    cluster.sql("SELECT pg_reload_conf()")
-    wait_for(lambda: cluster.sql("SHOW archive_command") == "false", "archive_command = false")
-    try:
-        yield
-    finally:
-        quoted = "'" + original.replace("'", "''") + "'"
-        cluster.sql(f"ALTER SYSTEM SET archive_command = {quoted}")
-        cluster.sql("SELECT pg_reload_conf()")
-        wait_for(lambda: cluster.sql("SHOW archive_command") == original, "archive_command restored")
 
 
 def listed(config: Path) -> list[dict[str, Any]]:
