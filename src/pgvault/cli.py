@@ -510,7 +510,7 @@ def _report(exc: PgvaultError, debug: bool) -> None:
 
 # The operations commands live beside this module, one per concept, and register on `cli` when
 # imported. They import their core modules inside the commands, as the ones above do.
-from pgvault import cli_drill, cli_metrics, cli_retention, cli_schedule, cli_verify  # noqa: E402, F401
+from pgvault import cli_drill, cli_ha, cli_metrics, cli_retention, cli_schedule, cli_verify  # noqa: E402, F401
 
 
 def main() -> NoReturn:
