@@ -111,7 +111,18 @@ def patroni_replica(ctx: Context, scope: str | None, datadir: Path, role: str, c
 # ---- the stack -----------------------------------------------------------------------------------------
 
 def _default_runtime() -> str:
-    return "compose" if shutil.which("docker") else "local"
+    """compose where a docker engine answers, else local (a docker CLI without an engine is common)."""
+    import subprocess
+
+    docker = shutil.which("docker")
+    if docker is None:
+        return "local"
+    try:
+        answered = subprocess.run([docker, "info", "--format", "{{.ServerVersion}}"], capture_output=True,
+                                  timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        answered = False
+    return "compose" if answered else "local"
 
 
 def _scope_and_policy(ctx: Context) -> tuple[str, Path | None]:
@@ -144,7 +155,7 @@ def stack_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         click.option("--runtime", type=click.Choice(["local", "compose"]), default=None,
                      help="local: processes on 127.0.0.1; compose: docker compose. Default: compose where "
-                     "docker is installed, else local."),
+                     "a docker engine answers, else local."),
         click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False),
                      help="Local runtime: the stack directory. Default: $PGVAULT_STACK_DIR or "
                      "/var/tmp/pgvault-stack-SCOPE."),
