@@ -289,7 +289,10 @@ def _spawn(state: StackState, name: str, argv: list[str], env: Mapping[str, str]
 
 
 def _base_env(state: StackState) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
+    # What archive_command and restore_command need from the environment the stack was started in:
+    # S3 credentials and settings that the policy leaves to boto3's chain.
+    env = {k: v for k, v in os.environ.items()
+           if k in ("PATH", "LANG", "LC_ALL", "TZ", "PGVAULT_PG_BINDIR") or k.startswith("AWS_")}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
     env["HOME"] = str(state.root)
     return env
