@@ -331,6 +331,13 @@ def test_failover_under_load_loses_no_acknowledged_row_in_the_repository(stack: 
     assert new_timeline > old_timeline
     stack.flush_archive()
 
+    # The new leader archived the old timeline's last, partial segment under its .partial name
+    # (never in the way of the full segment of that name), and the new timeline's history file.
+    wal = stack.work / "repo" / SCOPE / "wal"
+    assert [p for p in wal.rglob(f"{old_timeline:08X}*.partial*") if not p.name.endswith(".meta")], \
+        sorted(p.name for p in wal.rglob("*"))
+    assert list(wal.rglob(f"{new_timeline:08X}.history*"))
+
     verify = stack.pgvault(new_leader, "verify", "--json")
     report = json.loads(verify.stdout)
     assert verify.returncode == 0 and report["gaps"] == [], verify.stdout + verify.stderr

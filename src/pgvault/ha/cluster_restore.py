@@ -178,6 +178,7 @@ class ClusterRestore:
                     if n != node:
                         stack.start_patroni(state, n, secrets)
                 stack.wait_healthy(state, timeout)
+                stack.wait_readable(state, timeout)
             policy = load_policy(state.node_policy(node))
             storage = open_storage(policy.repository)
             with self._step(report, "confirm the history file is in the repository"):

@@ -403,6 +403,7 @@ class LocalStack:
         self._init_repository(state, leader)
         self.wait_healthy(state, timeout)
         self.wait_writable(state, timeout)
+        self.wait_readable(state, timeout)
         self.progress(f"stack: up after {time.monotonic() - clock:.1f} s")
         return self.status()
 
@@ -533,6 +534,21 @@ class LocalStack:
     def wait_writable(self, state: StackState, timeout: float) -> None:
         self._wait(lambda: self._writable(state), timeout, "writes through HAProxy and PgBouncer", state)
         self.progress("stack: writes work through HAProxy and PgBouncer")
+
+    def _reads_on_replica(self, state: StackState) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(state.conninfo("haproxy_read"), connect_timeout=3, autocommit=True) as conn:
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        except psycopg.Error:
+            return False
+        return bool(row and row[0])
+
+    def wait_readable(self, state: StackState, timeout: float) -> None:
+        """HAProxy marks a replica up only after its checks pass twice: until then reads go to the leader."""
+        self._wait(lambda: self._reads_on_replica(state), timeout, "reads through HAProxy to reach a replica", state)
+        self.progress("stack: reads through HAProxy reach a replica")
 
     def _init_repository(self, state: StackState, leader: str) -> None:
         """Bind the repository to the cluster (idempotent), then wake the archiver, which has been
