@@ -237,6 +237,26 @@ class Cluster:
         return json.loads(result.stdout), instance
 
 
+def start_standby(cluster: Cluster, name: str = "standby") -> LocalInstance:
+    """A streaming standby of cluster.pg (pg_basebackup -R), started and streaming.
+
+    It keeps the primary's settings, archive_mode=on included, which archives nothing on a standby
+    (as on a Patroni replica). Registered with cluster.restored, so stop_all stops it too.
+    """
+    pgdata = cluster.workdir / name
+    made = subprocess.run(as_db_user([str(cluster.pg.bindir / "pg_basebackup"), "--dbname", cluster.pg.conninfo(),
+                                      "--pgdata", str(pgdata), "--write-recovery-conf", "--wal-method=stream",
+                                      "--checkpoint=fast", "--no-sync", "--no-manifest"]),
+                          capture_output=True, text=True, cwd="/tmp", timeout=300, check=False)
+    assert made.returncode == 0, f"pg_basebackup failed:\n{made.stdout}{made.stderr}"
+    standby = LocalInstance.existing(pgdata)
+    cluster.restored.append(standby)
+    standby.start()
+    wait_for(lambda: standby.query("SELECT status FROM pg_stat_wal_receiver") == [("streaming",)],
+             f"standby {name} to stream from the primary")
+    return standby
+
+
 def rows_of(instance: LocalInstance, table: str = "t") -> list[tuple[int, int]]:
     return sorted((int(b), int(n)) for b, n in instance.query(f"SELECT batch, n FROM {table}"))
 

@@ -3,6 +3,10 @@
 The sentinel (backup.json) is written last, after every part, the manifest and the WAL the backup
 needs to become consistent are in the repository (guarantee 3). A backup killed at any earlier
 point leaves only debris without a sentinel, which is invisible and removed by the next backup.
+
+From a streaming standby (pgBackRest's backup-standby) only the primary archives, so the backup's
+last segment reaches the repository when the primary switches WAL: pgvault does that through
+postgres.primary_conninfo, or says why it waits.
 """
 
 from __future__ import annotations
@@ -11,16 +15,17 @@ import io
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pgvault import __version__
-from pgvault.catalog import BackupRecord, Catalog, PartRecord, StoredObject, TablespaceRecord
-from pgvault.cluster import MIN_VERSION
+from pgvault.catalog import BackupRecord, Catalog, ClusterInfo, PartRecord, StoredObject, TablespaceRecord
+from pgvault.cluster import MIN_VERSION, primary_connection, switch_wal
 from pgvault.config import Policy
-from pgvault.errors import ObjectExists, PostgresError, RepositoryError
+from pgvault.errors import IntegrityError, ObjectExists, PostgresError, RepositoryError
 from pgvault.pg import basebackup
-from pgvault.pg.conn import connect, server_facts
-from pgvault.pg.wal import Lsn, WalSegment, segments_between
+from pgvault.pg.conn import ServerFacts, connect, server_facts
+from pgvault.pg.wal import Lsn, WalSegment
 from pgvault.repo import job_lock
 from pgvault.repo.base import Storage
 from pgvault.streams import ChunkReader, compress
@@ -55,7 +60,8 @@ def remove_debris(catalog: Catalog) -> list[str]:
     return removed
 
 
-def wait_for_wal(storage: Storage, catalog: Catalog, segments: list[WalSegment], timeout: float) -> None:
+def wait_for_wal(storage: Storage, catalog: Catalog, segments: list[WalSegment], timeout: float, *,
+                 why: str = "", hint: str | None = None) -> None:
     deadline = time.monotonic() + timeout
     for segment in segments:
         key = catalog.layout.wal_key(segment.name)
@@ -63,11 +69,66 @@ def wait_for_wal(storage: Storage, catalog: Catalog, segments: list[WalSegment],
             if time.monotonic() > deadline:
                 raise RepositoryError(
                     f"WAL segment {segment.name}, which this backup needs, did not reach the repository "
-                    f"within {int(timeout)} s; the backup is not valid",
-                    hint="archiving is broken: run pgvault check and look at pg_stat_archiver and the "
+                    f"within {int(timeout)} s; the backup is not valid{why}",
+                    hint=hint or "archiving is broken: run pgvault check and look at pg_stat_archiver and the "
                     "PostgreSQL log",
                 )
             time.sleep(0.2)
+
+
+# Why a standby backup without postgres.primary_conninfo waits, and how to avoid it.
+STANDBY_WAIT = (" (the server is a standby: the primary archives that segment only when it switches to the next one, "
+                "at the latest after its archive_timeout)")
+STANDBY_HINT = ("set postgres.primary_conninfo so pgvault switches WAL on the primary after the backup, or make the "
+                "primary's archive_timeout shorter than backup.wal_timeout")
+
+
+def _check_source(policy: Policy, info: ClusterInfo, progress: Progress) -> ServerFacts:
+    """Refuse a server pgvault cannot back up, before anything in the repository is touched."""
+    with connect(policy.postgres.conninfo) as conn:
+        facts = server_facts(conn)
+    if facts.system_id != info.system_id:
+        raise RepositoryError(
+            f"the server is database system {facts.system_id}, but cluster {policy.cluster!r} in this "
+            f"repository is system {info.system_id}",
+            hint="point postgres.conninfo at the right server, or use another cluster name",
+        )
+    if facts.version_num < MIN_VERSION:
+        raise PostgresError(f"PostgreSQL {facts.version_num // 10000} is too old; pgvault backs up 15 or later")
+    archiver: ServerFacts | None = facts
+    if facts.in_recovery:
+        # A standby archives nothing itself (archive_mode=on archives on the primary only): its own
+        # archive settings say nothing about this backup, the primary's do, if we can reach it.
+        archiver = None
+        if policy.postgres.primary_conninfo is not None:
+            with primary_connection(policy, facts) as (_conn, primary):
+                archiver = primary
+            progress("the server is a standby; its primary (postgres.primary_conninfo) will switch WAL after "
+                     "the backup")
+    if archiver is not None and (archiver.archive_mode == "off" or archiver.wal_level == "minimal"):
+        where = "the primary (postgres.primary_conninfo)" if archiver is not facts else "the server"
+        raise PostgresError(
+            f"{where} does not archive WAL (archive_mode=off or wal_level=minimal), so a backup "
+            "could never be restored",
+            hint="set wal_level=replica, archive_mode=on and archive_command='pgvault --config FILE "
+            "wal-push %p', restart, then run pgvault check",
+        )
+    return facts
+
+
+def _switch_on_primary(policy: Policy, standby: ServerFacts, storage: Storage, catalog: Catalog, last: WalSegment,
+                       progress: Progress, backup_id: str) -> None:
+    """Have the primary complete (and so archive) the standby backup's last segment, if it has not yet."""
+    if storage.head(catalog.layout.wal_key(last.name)) is not None:
+        return
+    # Connected again, and checked again: a long backup may have outlived a failover.
+    with primary_connection(policy, standby) as (conn, _primary):
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        assert row is not None
+        if Lsn.parse(str(row[0])).segment_number(last.segment_size) > last.number:
+            return  # the primary has moved past it: the segment is complete and its archiver has it
+        switched = switch_wal(conn, where=" on the primary")
+    progress(f"backup {backup_id}: switched WAL on the primary (completed {switched})")
 
 
 def run_backup(
@@ -76,54 +137,51 @@ def run_backup(
 ) -> BackupRecord:
     catalog = Catalog(storage, policy.cluster)
     info = catalog.require_cluster_info()
+    facts = _check_source(policy, info, progress)
     with job_lock(policy.repository, storage, policy.cluster, "backup"):
         removed = remove_debris(catalog)
         if removed:
             progress(f"removed debris of incomplete backup(s): {', '.join(removed)}")
-        with connect(policy.postgres.conninfo) as conn:
-            facts = server_facts(conn)
-        if facts.system_id != info.system_id:
-            raise RepositoryError(
-                f"the server is database system {facts.system_id}, but cluster {policy.cluster!r} in this "
-                f"repository is system {info.system_id}",
-                hint="point postgres.conninfo at the right server, or use another cluster name",
-            )
-        if facts.version_num < MIN_VERSION:
-            raise PostgresError(f"PostgreSQL {facts.version_num // 10000} is too old; pgvault backs up 15 or later")
-        if facts.archive_mode == "off" or facts.wal_level == "minimal":
-            raise PostgresError(
-                "the server does not archive WAL (archive_mode=off or wal_level=minimal), so a backup "
-                "could never be restored",
-                hint="set wal_level=replica, archive_mode=on and archive_command='pgvault --config FILE "
-                "wal-push %p', restart, then run pgvault check",
-            )
 
         started = now()
         clock = time.monotonic()
         taken = {backup_id for backup_id, _ in catalog.backup_ids()}
         backup_id = new_backup_id(started, taken)
-        progress(f"backup {backup_id}: starting ({policy.backup.checkpoint} checkpoint)")
+        progress(f"backup {backup_id}: starting ({policy.backup.checkpoint} checkpoint"
+                 f"{', from a standby' if facts.in_recovery else ''})")
         with connect(policy.postgres.conninfo) as conn:
             names = dict(conn.execute("SELECT oid::text, spcname FROM pg_tablespace").fetchall())
-        parts, captured, tablespaces = _stream_backup(policy, storage, catalog, backup_id, progress)
+        streamed = _stream_backup(policy, storage, catalog, backup_id, progress)
+        parts, captured = streamed.parts, streamed.captured
 
         with connect(policy.postgres.conninfo) as conn:
+            # On a standby too: its snapshot is the primary's as replayed, taken after the stop point.
             row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()
         next_xid = int(row[0]) if row else 0
         stop_time = now()
 
         label = basebackup.parse_label(captured["backup_label"])
         ranges = basebackup.manifest_wal_ranges(captured["backup_manifest"])
-        stop_range = ranges[-1]
+        stop_range = basebackup.backup_end(ranges)
+        if streamed.end is not None and (streamed.end.value, streamed.end_timeline) != (
+                stop_range.end.value, stop_range.timeline):
+            raise IntegrityError(f"the server ended the backup at {streamed.end} on timeline {streamed.end_timeline}, "
+                                 f"but its manifest's WAL ends at {stop_range.end} on timeline {stop_range.timeline}")
         seg_size = info.wal_segment_size
-        # The last byte of the needed WAL is at End-LSN - 1: a range ending exactly on a segment
-        # boundary does not need the next segment.
-        last_seg = WalSegment.containing(stop_range.timeline, Lsn(max(stop_range.end.value - 1, 0)), seg_size)
+        needed = basebackup.needed_segments(ranges, seg_size)
         first_seg = WalSegment.parse(label.start_wal, seg_size)
-        needed = segments_between(first_seg, last_seg) if first_seg.timeline == last_seg.timeline else [
-            first_seg, last_seg]
+        last_seg = needed[-1]
+        why, hint = "", None
+        if label.from_standby:
+            if policy.postgres.primary_conninfo is not None:
+                _switch_on_primary(policy, facts, storage, catalog, last_seg, progress, backup_id)
+            elif storage.head(catalog.layout.wal_key(last_seg.name)) is None:
+                why, hint = STANDBY_WAIT, STANDBY_HINT
+                progress(f"backup {backup_id}: the server is a standby; waiting (up to backup.wal_timeout) for the "
+                         f"primary to archive {last_seg.name}, which it does when it switches WAL, at the latest "
+                         "after its archive_timeout. To avoid the wait, set postgres.primary_conninfo")
         progress(f"backup {backup_id}: waiting for WAL {first_seg.name}..{last_seg.name} in the repository")
-        wait_for_wal(storage, catalog, needed, policy.backup.wal_timeout.total_seconds())
+        wait_for_wal(storage, catalog, needed, policy.backup.wal_timeout.total_seconds(), why=why, hint=hint)
 
         manifest_bytes = captured["backup_manifest"]
         manifest_meta = storage.put(
@@ -137,7 +195,7 @@ def run_backup(
             start_wal=first_seg.name, stop_wal=last_seg.name, next_xid=next_xid,
             label=f"pgvault {backup_id}", parts=parts, data_directory=facts.data_directory,
             tablespaces=[TablespaceRecord(oid=t.oid, name=names.get(t.oid, t.oid), location=t.location)
-                         for t in tablespaces],
+                         for t in streamed.tablespaces],
             manifest=StoredObject(key=catalog.layout.manifest_key(backup_id), size=manifest_meta.size,
                                   sha256=manifest_meta.sha256),
             raw_size=sum(p.raw_size for p in parts) + len(manifest_bytes),
@@ -145,6 +203,7 @@ def run_backup(
             duration_s=round(time.monotonic() - clock, 3),
             compression={"type": "zstd", "level": policy.compression.level},
             annotations=dict(annotations or {}), pgvault_version=__version__,
+            from_standby=label.from_standby,
         )
         try:
             storage.put(catalog.layout.sentinel_key(backup_id),
@@ -155,9 +214,18 @@ def run_backup(
         return sentinel
 
 
+@dataclass(frozen=True)
+class _Streamed:
+    parts: list[PartRecord]
+    captured: dict[str, bytes]  # backup_label, tablespace_map and backup_manifest
+    tablespaces: list[basebackup.Tablespace]
+    end: Lsn | None  # where the server says the backup ended (BASE_BACKUP's last result)
+    end_timeline: int
+
+
 def _stream_backup(
     policy: Policy, storage: Storage, catalog: Catalog, backup_id: str, progress: Progress
-) -> tuple[list[PartRecord], dict[str, bytes], list[basebackup.Tablespace]]:
+) -> _Streamed:
     import zstandard
 
     session = basebackup.BaseBackupSession(policy.postgres.conninfo,
@@ -185,9 +253,10 @@ def _stream_backup(
         session.finish()
         captured["backup_manifest"] = session.manifest
         tablespaces = list(session.tablespaces)
+        end, end_timeline = session.end_lsn, session.end_timeline
     finally:
         session.close()
     if "backup_label" not in captured or not captured["backup_manifest"]:
         raise PostgresError("the base backup stream lacked its backup_label or manifest; is the server "
                             "PostgreSQL 15 or later?")
-    return parts, captured, tablespaces
+    return _Streamed(parts, captured, tablespaces, end, end_timeline)

@@ -78,6 +78,9 @@ class BackupRecord(_Record):
     compression: dict[str, str | int]
     annotations: dict[str, str] = {}
     pgvault_version: str
+    # Taken from a streaming standby ("BACKUP FROM: standby" in its backup_label); None in records
+    # of pgvault versions that did not say.
+    from_standby: bool | None = None
 
     @property
     def stop(self) -> Lsn:

@@ -68,6 +68,12 @@ class _Section(BaseModel):
 
 class PostgresConfig(_Section):
     conninfo: str = Field(description="libpq connection string; PG* environment variables also apply")
+    # When conninfo names a streaming standby: its primary. A standby archives nothing, so the last
+    # segment a standby backup needs reaches the repository only when the primary switches WAL;
+    # with this set pgvault switches it there (as pgBackRest's backup-standby does). Like conninfo
+    # it may hold a password: it goes to libpq only, and errors about it pass through redact().
+    primary_conninfo: str | None = Field(
+        default=None, description="libpq connection string of the primary when conninfo names a standby")
     pgdata: Path | None = None
     bindir: Path | None = Field(default=None, description="where initdb, pg_ctl and pg_waldump live")
 

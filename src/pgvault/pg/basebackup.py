@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pgvault.errors import IntegrityError, PostgresError
-from pgvault.pg.wal import Lsn
+from pgvault.pg.wal import Lsn, WalSegment
 from pgvault.redaction import redact
 from pgvault.streams import ChunkReader
 
@@ -158,12 +158,16 @@ class BackupLabel:
     checkpoint_lsn: Lsn
     timeline: int
     start_time: datetime | None
+    # "BACKUP FROM: standby": the server was in recovery when the backup started. Read from the label,
+    # not from pg_is_in_recovery() before it: a standby promoted in between took a primary's backup.
+    from_standby: bool = False
 
 
 _LABEL_START = re.compile(r"^START WAL LOCATION: ([0-9A-F]+/[0-9A-F]+) \(file ([0-9A-F]{24})\)$", re.M)
 _LABEL_CHECKPOINT = re.compile(r"^CHECKPOINT LOCATION: ([0-9A-F]+/[0-9A-F]+)$", re.M)
 _LABEL_TIMELINE = re.compile(r"^START TIMELINE: (\d+)$", re.M)
 _LABEL_TIME = re.compile(r"^START TIME: (.+)$", re.M)
+_LABEL_FROM = re.compile(r"^BACKUP FROM: (\w+)$", re.M)
 
 
 def parse_label(data: bytes) -> BackupLabel:
@@ -180,8 +184,10 @@ def parse_label(data: bytes) -> BackupLabel:
             start_time = datetime.strptime(started.group(1).strip(), "%Y-%m-%d %H:%M:%S %Z")
         except ValueError:
             start_time = None
+    source = _LABEL_FROM.search(text)
     return BackupLabel(Lsn.parse(start.group(1)), start.group(2), Lsn.parse(checkpoint.group(1)),
-                       int(timeline.group(1)), start_time)
+                       int(timeline.group(1)), start_time,
+                       from_standby=bool(source and source.group(1) == "standby"))
 
 
 @dataclass(frozen=True)
@@ -199,3 +205,34 @@ def manifest_wal_ranges(data: bytes) -> list[WalRange]:
                 for r in manifest["WAL-Ranges"]]
     except (ValueError, KeyError, TypeError):
         raise IntegrityError("the backup_manifest the server sent has no readable WAL-Ranges") from None
+
+
+def backup_end(ranges: list[WalRange]) -> WalRange:
+    """The range holding the backup's end point: the manifest lists the newest timeline first.
+
+    Only a backup from a standby can have more than one: the standby followed a timeline switch
+    (a failover of its primary) while the backup ran, and the backup ends on the new timeline.
+    """
+    if not ranges:
+        raise IntegrityError("the backup_manifest the server sent has no WAL-Ranges")
+    return ranges[0]
+
+
+def needed_segments(ranges: list[WalRange], segment_size: int) -> list[WalSegment]:
+    """The segments recovery reads to make the backup consistent, as recovery names them.
+
+    For each segment number recovery takes the newest timeline that began at or before that
+    segment (the segment holding a switch point comes from the new timeline, which carries the old
+    timeline's WAL up to the switch); every range ends at its End-LSN - 1, so a range ending on a
+    segment boundary does not need the next segment.
+    """
+    oldest_first = sorted(ranges, key=lambda r: r.timeline)
+    if not oldest_first:
+        raise IntegrityError("the backup_manifest the server sent has no WAL-Ranges")
+    first = oldest_first[0].start.segment_number(segment_size)
+    last = Lsn(max(oldest_first[-1].end.value - 1, 0)).segment_number(segment_size)
+    segments = []
+    for number in range(first, last + 1):
+        timeline = max(r.timeline for r in oldest_first if r.start.segment_number(segment_size) <= number)
+        segments.append(WalSegment(timeline, number, segment_size))
+    return segments
