@@ -121,9 +121,10 @@ def known_secrets(policy: Policy, environ: Mapping[str, str] | None = None) -> l
         for secret in (s3.secret_access_key, s3.session_token):
             if secret is not None:
                 values.add(secret.get_secret_value())
-    password = _conninfo_password(policy.postgres.conninfo)
-    if password:
-        values.add(password)
+    for conninfo in (policy.postgres.conninfo, policy.postgres.primary_conninfo):
+        password = _conninfo_password(conninfo) if conninfo else None
+        if password:
+            values.add(password)
     return sorted((v for v in values if v), key=len, reverse=True)
 
 
