@@ -169,7 +169,10 @@ def stack_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @cli.group()
 def stack() -> None:
-    """Run the HA stack: 3 etcd, 3 Patroni/PostgreSQL 15 nodes, HAProxy, PgBouncer."""
+    """Run the HA stack: 3 etcd, 3 Patroni/PostgreSQL 15 nodes, HAProxy, PgBouncer.
+
+    Example: pgvault --config /etc/pgvault/pgvault.yml stack up --runtime local
+    """
 
 
 @stack.command("up")
@@ -277,7 +280,10 @@ def _show(data: dict[str, Any], as_json: bool) -> None:
 
 @cli.group()
 def ha() -> None:
-    """Operations on the whole Patroni cluster."""
+    """Operations on the whole Patroni cluster.
+
+    Example: pgvault --config /etc/pgvault/pgvault.yml ha restore --target-time '2026-11-20 14:30:00+00'
+    """
 
 
 @ha.command("restore")
