@@ -1,3 +1,3 @@
-from pgvault.cli import main
+from pgvault.entry import main
 
 main()
