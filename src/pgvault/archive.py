@@ -32,6 +32,7 @@ class PushResult:
     outcome: str  # "archived", "already archived", "replaced partial"
     raw_size: int
     stored_size: int
+    raw_sha256: str  # of the bytes read from pg_wal: what the repository now holds (the look-ahead's marker)
 
 
 def check_segment(name: str, data: bytes, system_id: str, segment_size: int) -> None:
@@ -92,7 +93,7 @@ def push(
     except ObjectExists:
         # Another node pushed the same name between our head and put.
         return _resolve_existing(storage, key, name, data, raw_sha256, level, len(stored))
-    return PushResult(name, key, "archived", len(data), meta.size)
+    return PushResult(name, key, "archived", len(data), meta.size, raw_sha256)
 
 
 def _resolve_existing(
@@ -103,14 +104,14 @@ def _resolve_existing(
     same = recorded == raw_sha256 if recorded else _stored_raw_sha256(storage, key) == raw_sha256
     if same:
         # A retry after a lost acknowledgement, or a second node: idempotent success.
-        return PushResult(name, key, "already archived", len(data), stored_size)
+        return PushResult(name, key, "already archived", len(data), stored_size, raw_sha256)
     if is_partial(name):
         # A .partial is a timeline's unfinished tail (promotion, pg_receivewal); a newer one must
         # never block archiving, and the complete segments are what recovery uses.
         stored = compress(data, level)
         meta = storage.put(key, io.BytesIO(stored), extra={"raw_sha256": raw_sha256,
                                                            "raw_size": str(len(data))}, overwrite=True)
-        return PushResult(name, key, "replaced partial", len(data), meta.size)
+        return PushResult(name, key, "replaced partial", len(data), meta.size, raw_sha256)
     raise ConflictError(
         f"{name} is already archived with different content; refusing to overwrite {key}",
         hint="two clusters may share this repository, or a restored cluster kept archiving: "

@@ -187,15 +187,31 @@ def wal_push(ctx: Context, path: Path) -> None:
 
     Example: archive_command = 'pgvault --config /etc/pgvault/demo.yaml wal-push %p'
     """
-    from pgvault import archive
+    from pgvault import archive, push_ahead
     from pgvault.catalog import Catalog
+    from pgvault.spool import push_spool
 
+    policy_path = ctx.policy_path()
+    # Digest before load: a marker must never stand for a repository the policy did not name.
+    try:
+        policy_sha256 = push_ahead.policy_digest(policy_path)
+    except OSError:
+        policy_sha256 = ""  # load_policy says what is wrong with the file
     policy = ctx.policy()
     storage = ctx.storage(policy)
     catalog = Catalog(storage, policy.cluster)
     info = catalog.require_cluster_info()
+    # This call decides afresh; a marker of this segment (the fast path did not trust it) goes.
+    push_ahead.forget(str(push_spool(policy_path)), path.name)
     archive.push(storage, catalog.layout, path, system_id=info.system_id,
                  segment_size=info.wal_segment_size, level=policy.archive.compression_level)
+    # Only now, with `path` durable: the look-ahead, which never fails this call (details under --debug).
+    push_ahead.push_ahead(storage, catalog.layout, path, policy_path=policy_path, policy_sha256=policy_sha256,
+                          system_id=info.system_id, segment_size=info.wal_segment_size,
+                          level=policy.archive.compression_level, limit=policy.archive.look_ahead,
+                          parallel=policy.archive.push_parallel,
+                          report=(lambda line: click.echo(f"debug: {_redact(line)}", err=True)) if ctx.debug
+                          else (lambda line: None))
 
 
 @cli.command("wal-fetch")

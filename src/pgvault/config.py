@@ -217,6 +217,11 @@ class BackupConfig(_Section):
 class ArchiveConfig(_Section):
     check_timeout: Duration = timedelta(seconds=60)
     compression_level: StrictInt = Field(default=1, ge=1, le=19)
+    # wal-push look-ahead: how many other `.ready` segments one archive_command call may push too
+    # (0 = off). PostgreSQL's later call for one of them then only compares a checksum.
+    look_ahead: StrictInt = Field(default=8, ge=0, le=64)
+    # Threads pushing the look-ahead's segments; each holds one segment and its compressed copy.
+    push_parallel: StrictInt = Field(default=4, ge=1, le=16)
 
 
 class RestoreConfig(_Section):
