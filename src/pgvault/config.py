@@ -220,7 +220,8 @@ class ArchiveConfig(_Section):
     # wal-push look-ahead: how many other `.ready` segments one archive_command call may push too
     # (0 = off). PostgreSQL's later call for one of them then only compares a checksum.
     look_ahead: StrictInt = Field(default=8, ge=0, le=64)
-    # Threads pushing the look-ahead's segments; each holds one segment and its compressed copy.
+    # Threads pushing the look-ahead's segments; each holds one segment and its compressed copy, so
+    # fewer are used when more than 64 MiB of segments would be in flight (segments above 16 MiB).
     push_parallel: StrictInt = Field(default=4, ge=1, le=16)
 
 

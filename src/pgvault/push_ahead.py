@@ -43,6 +43,9 @@ MARKER_MAX_AGE = 24 * 3600  # seconds; older markers are removed by the full pat
 TMP_PREFIX = ".tmp."
 TMP_MAX_AGE = 3600  # a marker being written for longer than this was left by a killed writer
 TIDY_BUDGET = 256  # spool entries looked at per full-path call (the spool normally holds <= look_ahead)
+# archive.push holds a segment and its compressed copy in memory: with large segments (initdb
+# --wal-segsize up to 1 GiB) fewer threads, so the look-ahead stays within this many segment bytes.
+IN_FLIGHT_BYTES = 64 * 1024 * 1024
 _HEX = frozenset("0123456789ABCDEF")
 _HISTORY_SUFFIX = ".history"
 
@@ -325,8 +328,8 @@ def _push_ahead(storage: Storage, layout: Layout, current: Path, policy_path: st
             return
         pushed.append(name)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(chosen))),
-                            thread_name_prefix="pgvault-push") as pool:
+    threads = max(1, min(parallel, len(chosen), IN_FLIGHT_BYTES // segment_size))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pgvault-push") as pool:
         list(pool.map(one, chosen))
     for name in sorted(pushed):
         report(f"look-ahead: pushed {name}")
