@@ -264,9 +264,11 @@ def backup(ctx: Context, annotations: tuple[tuple[str, str], ...], as_json: bool
     Example: pgvault --config /etc/pgvault/demo.yaml backup --annotate reason=nightly
     """
     from pgvault.backup import run_backup
+    from pgvault.progress import Display
 
     policy = ctx.policy()
-    record = run_backup(policy, ctx.storage(policy), annotations=dict(annotations), progress=ctx.progress)
+    with Display.for_stderr(quiet=ctx.quiet) as display:
+        record = run_backup(policy, ctx.storage(policy), annotations=dict(annotations), progress=display)
     if as_json:
         _emit_json(record.model_dump(mode="json"))
     else:
@@ -466,8 +468,11 @@ def restore(ctx: Context, pgdata: Path, backup_id: str | None, target_time: date
                              mode="delta" if delta else "force" if force else "new",
                              config_path=ctx.policy_path(), tablespace_map=dict(tablespace_map),
                              dry_run=dry_run)
-    result = run_restore(storage, policy, request, waldump=_waldump(policy.postgres.bindir, cluster.pg_version),
-                         progress=ctx.progress)
+    from pgvault.progress import Display
+
+    with Display.for_stderr(quiet=ctx.quiet) as display:
+        result = run_restore(storage, policy, request,
+                             waldump=_waldump(policy.postgres.bindir, cluster.pg_version), progress=display)
     if as_json:
         _emit_json(result.as_dict())
         return

@@ -26,10 +26,12 @@ def verify(ctx: Context, backup_id: str | None, deep: bool, as_json: bool) -> No
     Example: pgvault --config /etc/pgvault/main.yaml verify --deep
     """
     from pgvault.errors import IntegrityError
+    from pgvault.progress import Display
     from pgvault.verify import run_verify
 
     policy = ctx.policy()
-    report = run_verify(policy, ctx.storage(policy), backup_id=backup_id, deep=deep, progress=ctx.progress)
+    with Display.for_stderr(quiet=ctx.quiet) as display:
+        report = run_verify(policy, ctx.storage(policy), backup_id=backup_id, deep=deep, progress=display)
     if as_json:
         _emit_json(report.as_dict())
     else:

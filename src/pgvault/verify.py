@@ -47,6 +47,7 @@ from pgvault.pg.wal import (
     parse_history,
     parse_long_header,
 )
+from pgvault.progress import meter
 from pgvault.repo.base import ObjectMeta, Storage, read_verified
 from pgvault.repo.layout import FORMAT_VERSION, Layout
 from pgvault.window import TimelineSpan, ancestry, backup_on_path, reachable_backups
@@ -183,8 +184,9 @@ class _Outcome:
 class _Tee:
     """A read-only stream over a stored object that hashes and counts every byte read through it."""
 
-    def __init__(self, handle: BinaryIO) -> None:
+    def __init__(self, handle: BinaryIO, advance: Callable[[int], None] | None = None) -> None:
         self._handle = handle
+        self._advance = advance
         self.digest = hashlib.sha256()
         self.size = 0
 
@@ -193,6 +195,8 @@ class _Tee:
         data = self._handle.read(CHUNK if size is None or size < 0 else size)
         self.digest.update(data)
         self.size += len(data)
+        if self._advance is not None and data:
+            self._advance(len(data))
         return data
 
     def readable(self) -> bool:
@@ -397,9 +401,11 @@ def parse_manifest(data: bytes) -> tuple[dict[str, ManifestFile], list[dict[str,
 
 
 def check_part_deep(storage: Storage, part: StoredObject, tablespace: str | None,
-                    files: Mapping[str, ManifestFile] | None) -> _Outcome:
+                    files: Mapping[str, ManifestFile] | None, *,
+                    advance: Callable[[int], None] | None = None) -> _Outcome:
     """Stream a part once: its stored bytes against the sentinel, and (with files) every member against
-    PostgreSQL's manifest. Memory: one chunk of the part and of the member being hashed."""
+    PostgreSQL's manifest. Memory: one chunk of the part and of the member being hashed. advance(n) is
+    told of every n stored bytes read (a progress meter)."""
     import zstandard
 
     out = _Outcome()
@@ -409,7 +415,7 @@ def check_part_deep(storage: Storage, part: StoredObject, tablespace: str | None
         out.usable = False
         return out
     handle, meta = opened
-    tee = _Tee(handle)
+    tee = _Tee(handle, advance)
     # The manifest names a tablespace's files by their path through pg_tblspc.
     prefix = f"pg_tblspc/{tablespace}/" if tablespace else ""
     unpack_error: str | None = None
@@ -763,8 +769,10 @@ class _Verifier:
         if files is None:
             self.report.warnings.append(f"backup {record.id}: its files were not compared with the manifest, "
                                         "which is missing or damaged")
-        outcomes = self.run_all([lambda p=p: check_part_deep(self.storage, p, p.tablespace, files)
-                                 for p in record.parts])
+        with meter(self.progress, f"verify: backup {record.id}", sum(p.size for p in record.parts)) as read:
+            outcomes = self.run_all([lambda p=p: check_part_deep(self.storage, p, p.tablespace, files,
+                                                                 advance=read.advance)
+                                     for p in record.parts])
         if files is None:
             return
         seen: set[str] = set()
