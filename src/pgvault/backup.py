@@ -13,23 +13,26 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pgvault import __version__
 from pgvault.catalog import BackupRecord, Catalog, ClusterInfo, PartRecord, StoredObject, TablespaceRecord
 from pgvault.cluster import MIN_VERSION, primary_connection, switch_wal
 from pgvault.config import Policy
-from pgvault.errors import IntegrityError, ObjectExists, PostgresError, RepositoryError
+from pgvault.errors import IntegrityError, ObjectExists, PgvaultError, PostgresError, RepositoryError
 from pgvault.pg import basebackup
 from pgvault.pg.conn import ServerFacts, connect, server_facts
 from pgvault.pg.wal import Lsn, WalSegment
+from pgvault.progress import meter
 from pgvault.repo import job_lock
-from pgvault.repo.base import Storage
-from pgvault.streams import ChunkReader, compress
-from pgvault.tarparts import TarSplitter
+from pgvault.repo.base import ObjectMeta, Storage
+from pgvault.streams import PipeClosed, SpoolPipe, compress
+from pgvault.tarparts import PartStats, TarSplitter
 
 Progress = Callable[[str], None]
 
@@ -223,40 +226,157 @@ class _Streamed:
     end_timeline: int
 
 
+# Compressed bytes a backup holds in memory for its uploads, all parts in flight together; an upload
+# that falls further behind the stream reads the rest from a temp file. 64 MiB: four S3 chunks' worth,
+# and the peak RSS stays under 300 MB whatever the part and database size (docs/benchmarks.md).
+UPLOAD_BUFFER = 64 * 1024 * 1024
+
+
+@dataclass
+class _Upload:
+    """One part on its way to the repository: compressed into pipe by the stream, stored by an uploader."""
+
+    index: int
+    key: str
+    archive: str
+    tablespace: str | None
+    stats: PartStats
+    pipe: SpoolPipe
+    future: Future[ObjectMeta] = field(init=False)
+
+    def record(self) -> PartRecord:
+        meta = self.future.result()
+        return PartRecord(index=self.index, key=self.key, raw_size=self.stats.raw_size, size=meta.size,
+                          sha256=meta.sha256, members=self.stats.members, tablespace=self.tablespace)
+
+
+def _upload(storage: Storage, key: str, pipe: SpoolPipe) -> ObjectMeta:
+    try:
+        meta = storage.put(key, pipe)  # type: ignore[arg-type]
+        # put() returns only after reading to the end; a pipe still open means it stopped early.
+        if pipe.read(1):
+            raise RepositoryError(f"storing {key} ended before the end of its data")
+        return meta
+    finally:
+        pipe.abandon()  # the stream's next write to it fails, and the spill file goes
+
+
+def _expected_bytes(conninfo: str) -> int | None:
+    """About how many bytes the stream will carry: every tablespace's size, as BASE_BACKUP's PROGRESS
+    estimates it. None when the role may not ask (pg_tablespace_size needs pg_read_all_stats or CREATE)."""
+    import psycopg
+
+    try:
+        with connect(conninfo) as conn:
+            row = conn.execute("SELECT sum(pg_tablespace_size(oid))::bigint FROM pg_tablespace").fetchone()
+    except (psycopg.Error, PgvaultError):
+        return None
+    return int(row[0]) if row and row[0] is not None else None
+
+
 def _stream_backup(
     policy: Policy, storage: Storage, catalog: Catalog, backup_id: str, progress: Progress
 ) -> _Streamed:
+    """Read the server's stream (this thread), compress each part (zstd's worker threads) and store the
+    parts (up to backup.upload_parallel at once, the one being read included), so the upload of a part
+    overlaps the reading of the next. The part records come back in index order."""
     import zstandard
 
     session = basebackup.BaseBackupSession(policy.postgres.conninfo,
                                            application_name=f"pgvault-backup-{backup_id}")
-    parts: list[PartRecord] = []
+    uploads: list[_Upload] = []
     captured: dict[str, bytes] = {}
     threads = policy.compression.threads or min(4, os.cpu_count() or 1)
+    parallel = policy.backup.upload_parallel
+    # Held by every part from its first byte until it is stored: at most `parallel` parts in flight.
+    slots = threading.BoundedSemaphore(parallel)
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-upload")
+    total = _expected_bytes(policy.postgres.conninfo)
+    announce = _Stored(uploads, backup_id, progress)
     try:
         session.start(label=f"pgvault {backup_id}", fast_checkpoint=policy.backup.checkpoint == "fast")
         oids = {t.location: t.oid for t in session.tablespaces}
-        for archive_name, location, reader in session.archives():
-            tablespace = oids.get(location) if location else None
-            splitter = TarSplitter(reader, policy.backup.part_size)  # type: ignore[arg-type]
-            for chunks, stats in splitter.parts():
-                index = len(parts)
-                compressor = zstandard.ZstdCompressor(level=policy.compression.level, threads=threads,
-                                                      write_checksum=True)
-                key = catalog.layout.part_key(backup_id, index)
-                meta = storage.put(key, compressor.stream_reader(ChunkReader(chunks)))  # type: ignore[arg-type]
-                parts.append(PartRecord(index=index, key=key, raw_size=stats.raw_size, size=meta.size,
-                                        sha256=meta.sha256, members=stats.members, tablespace=tablespace))
-                progress(f"backup {backup_id}: part {index} of {archive_name} stored "
-                         f"({stats.raw_size} bytes raw, {meta.size} stored)")
-            captured.update(splitter.captured)
+        with meter(progress, f"backup {backup_id}", total) as done:
+            for archive_name, location, reader in session.archives():
+                tablespace = oids.get(location) if location else None
+                splitter = TarSplitter(reader, policy.backup.part_size, hash_parts=False)  # type: ignore[arg-type]
+                for chunks, stats in splitter.parts():
+                    _take_slot(slots, uploads)
+                    index = len(uploads)
+                    key = catalog.layout.part_key(backup_id, index)
+                    pipe = SpoolPipe(UPLOAD_BUFFER // parallel)
+                    future = announce.start(_Upload(index, key, archive_name, tablespace, stats, pipe),
+                                            lambda upload: pool.submit(_upload, storage, upload.key, upload.pipe))
+                    future.add_done_callback(lambda _f: slots.release())
+                    compressor = zstandard.ZstdCompressor(level=policy.compression.level, threads=threads,
+                                                          write_checksum=True).compressobj()
+                    try:
+                        for chunk in chunks:
+                            pipe.write(compressor.compress(chunk))
+                            done.advance(len(chunk))
+                        pipe.write(compressor.flush())
+                    except PipeClosed:
+                        future.result()  # the uploader's own error
+                        raise RepositoryError(f"storing {key} stopped before the end of its data") from None
+                    pipe.close()
+                captured.update(splitter.captured)
         session.finish()
         captured["backup_manifest"] = session.manifest
         tablespaces = list(session.tablespaces)
         end, end_timeline = session.end_lsn, session.end_timeline
+        for upload in uploads:
+            upload.future.result()
+    except BaseException as exc:
+        # Stop every upload still going: each removes its temp file or aborts its multipart upload, as
+        # a killed writer's would be; what was stored is debris without a sentinel (guarantee 3).
+        for upload in uploads:
+            upload.pipe.fail(exc)
+        wait([upload.future for upload in uploads])
+        raise
     finally:
+        pool.shutdown(wait=True)
         session.close()
     if "backup_label" not in captured or not captured["backup_manifest"]:
         raise PostgresError("the base backup stream lacked its backup_label or manifest; is the server "
                             "PostgreSQL 15 or later?")
-    return _Streamed(parts, captured, tablespaces, end, end_timeline)
+    return _Streamed([upload.record() for upload in uploads], captured, tablespaces, end, end_timeline)
+
+
+class _Stored:
+    """Says which parts are stored, in index order, as their uploads finish (from the uploader threads)."""
+
+    def __init__(self, uploads: list[_Upload], backup_id: str, progress: Progress) -> None:
+        self._uploads = uploads
+        self._backup_id = backup_id
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._next = 0
+
+    def start(self, upload: _Upload, submit: Callable[[_Upload], Future[ObjectMeta]]) -> Future[ObjectMeta]:
+        """Start an upload and list it, under the lock the announcements take."""
+        with self._lock:
+            upload.future = submit(upload)
+            self._uploads.append(upload)
+        upload.future.add_done_callback(self._announce)
+        return upload.future
+
+    def _announce(self, _future: Future[ObjectMeta]) -> None:
+        with self._lock:
+            while self._next < len(self._uploads) and self._uploads[self._next].future.done():
+                upload = self._uploads[self._next]
+                self._next += 1
+                if upload.future.exception() is not None:
+                    return  # the stream raises it; later parts are never announced
+                meta = upload.future.result()
+                self._progress(f"backup {self._backup_id}: part {upload.index} of {upload.archive} stored "
+                               f"({upload.stats.raw_size} bytes raw, {meta.size} stored)")
+
+
+def _take_slot(slots: threading.BoundedSemaphore, uploads: list[_Upload]) -> None:
+    """Wait until fewer than upload_parallel parts are in flight; raise an upload's failure at once."""
+    while True:
+        for upload in uploads:
+            if upload.future.done() and upload.future.exception() is not None:
+                upload.future.result()
+        if slots.acquire(timeout=0.2):
+            return

@@ -212,6 +212,10 @@ class BackupConfig(_Section):
     checkpoint: Literal["fast", "spread"] = "fast"
     # How long to wait for the WAL a backup needs to reach the repository before failing it.
     wal_timeout: Duration = timedelta(minutes=5)
+    # Parts uploaded at once. The part being read is one of them, so 2 lets the upload of one part
+    # overlap the reading of the next; each costs a share of a fixed 64 MiB buffer (then a temp file)
+    # and, on S3, one multipart chunk of memory.
+    upload_parallel: StrictInt = Field(default=2, ge=1, le=64)
 
 
 class ArchiveConfig(_Section):

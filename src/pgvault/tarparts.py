@@ -58,6 +58,9 @@ class TarSplitter:
 
     source: BinaryIO
     part_size: int
+    # The SHA-256 of each part's raw tar bytes (PartStats.sha256). A backup records the stored bytes'
+    # checksum only, and hashing every raw byte again cost ~0.9 s of CPU per 1.6 GB: it turns this off.
+    hash_parts: bool = True
     captured: dict[str, bytes] = field(default_factory=dict)
     _pending: bytes | None = None  # a header read past the end of the previous part
     _done: bool = False
@@ -108,10 +111,11 @@ class TarSplitter:
             yield self._part_chunks(stats), stats
 
     def _part_chunks(self, stats: PartStats) -> Iterator[bytes]:
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if self.hash_parts else None
 
         def emit(data: bytes) -> bytes:
-            digest.update(data)
+            if digest is not None:
+                digest.update(data)
             stats.raw_size += len(data)
             return data
 
@@ -143,7 +147,7 @@ class TarSplitter:
             if stats.raw_size >= self.part_size:
                 break
         yield emit(END_OF_ARCHIVE)
-        stats.sha256 = digest.hexdigest()
+        stats.sha256 = digest.hexdigest() if digest is not None else ""
 
 
 def _safe_target(root: Path, name: str) -> Path:
