@@ -10,19 +10,22 @@ import hashlib
 import json
 import os
 import pwd
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, TypeVar
 
 from pgvault.catalog import BackupRecord, PartRecord, StoredObject
 from pgvault.config import Policy
 from pgvault.errors import DataDirectoryInUse, IntegrityError, TargetUnreachable, UsageError
 from pgvault.pg import recovery
 from pgvault.pg.wal import WalSegment
+from pgvault.progress import meter
 from pgvault.recoverable import XACT_KINDS, Recoverable
 from pgvault.repo.base import Storage
 from pgvault.streams import decompress
@@ -31,6 +34,7 @@ from pgvault.window import BackupReach, by_id, choose_for_lsn, choose_for_time
 
 Progress = Callable[[str], None]
 CHUNK = 1024 * 1024
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -240,16 +244,19 @@ def _check_reachable(view: Recoverable, chosen: BackupReach, target: RecoveryTar
 class _HashingReader:
     """Reads a stored object while hashing it; at EOF checks size and SHA-256 against the record."""
 
-    def __init__(self, handle: BinaryIO, record: StoredObject) -> None:
+    def __init__(self, handle: BinaryIO, record: StoredObject, advance: Callable[[int], None] | None = None) -> None:
         self._handle = handle
         self._record = record
         self._digest = hashlib.sha256()
         self._size = 0
+        self._advance = advance
 
     def read(self, size: int = -1) -> bytes:
         data = self._handle.read(size)
         self._digest.update(data)
         self._size += len(data)
+        if self._advance is not None and data:
+            self._advance(len(data))
         if not data or (size < 0):
             self.check()
         return data
@@ -261,10 +268,88 @@ class _HashingReader:
                                  "(--backup ID, see pgvault list)")
 
 
-def verify_object(storage: Storage, record: StoredObject) -> None:
+class _ReadAhead:
+    """A stored object read (and hashed, and checked at its end) by a thread of its own, up to DEPTH
+    chunks ahead of the consumer: fetching from the repository overlaps decompressing and writing."""
+
+    DEPTH = 4  # chunks of CHUNK bytes: 4 MiB per part being extracted
+
+    def __init__(self, handle: BinaryIO, record: StoredObject) -> None:
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=self.DEPTH)
+        self._stop = threading.Event()
+        self._current = b""
+        self._offset = 0
+        self._ended = False
+        self._thread = threading.Thread(target=self._fetch, args=(_HashingReader(handle, record),),
+                                        name=f"pgvault-fetch-{record.key}", daemon=True)
+        self._thread.start()
+
+    def _fetch(self, source: _HashingReader) -> None:
+        item: bytes | BaseException | None
+        while True:
+            try:
+                data = source.read(CHUNK)  # checks size and SHA-256 when it reads the end
+                item = data or None
+            except BaseException as exc:  # handed to the consumer, which raises it
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            if item is None or isinstance(item, BaseException) or self._stop.is_set():
+                return
+
+    def read(self, size: int = -1) -> bytes:
+        if self._offset >= len(self._current):
+            if self._ended:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            if item is None:
+                self._ended = True
+                return b""
+            self._current, self._offset = item, 0
+        if size is None or size < 0:
+            size = len(self._current) - self._offset
+        data = self._current[self._offset : self._offset + size]
+        self._offset += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Counting:
+    """Passes reads through, telling a meter how many bytes went by."""
+
+    def __init__(self, source: Any, advance: Callable[[int], None]) -> None:
+        self._source = source
+        self._advance = advance
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._source.read(size)
+        if data:
+            self.count += len(data)
+            self._advance(len(data))
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+
+def verify_object(storage: Storage, record: StoredObject, advance: Callable[[int], None] | None = None) -> None:
     handle, _meta = storage.open(record.key)
     with handle:
-        reader = _HashingReader(handle, record)
+        reader = _HashingReader(handle, record, advance)
         while reader.read(CHUNK):
             pass
 
@@ -292,7 +377,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def _extract_part(storage: Storage, part: PartRecord, pgdata: Path, owner: tuple[int, int] | None,
-                  unchanged: Callable[[str, int, Path], bool] | None) -> tuple[int, int, int, set[str]]:
+                  unchanged: Callable[[str, int, Path], bool] | None,
+                  advance: Callable[[int], None] | None = None) -> tuple[int, int, int, set[str]]:
     import zstandard
 
     from pgvault import tarparts
@@ -300,18 +386,42 @@ def _extract_part(storage: Storage, part: PartRecord, pgdata: Path, owner: tuple
     handle, _meta = storage.open(part.key)
     names: set[str] = set()
     with handle:
-        hashed = _HashingReader(handle, part)
-        stream = zstandard.ZstdDecompressor().stream_reader(hashed, read_across_frames=True)
+        fetched = _ReadAhead(handle, part)
+        try:
+            counted = _Counting(zstandard.ZstdDecompressor().stream_reader(fetched, read_across_frames=True),
+                                advance or (lambda _n: None))
 
-        def record_name(name: str, size: int, path: Path) -> bool:
-            names.add(name)
-            return unchanged(name, size, path) if unchanged else False
+            def record_name(name: str, size: int, path: Path) -> bool:
+                names.add(name)
+                return unchanged(name, size, path) if unchanged else False
 
-        stats = tarparts.extract(stream, pgdata, owner=owner, unchanged=record_name)
-        # Drain so the checksum covers every stored byte, not just what tar needed.
-        while hashed.read(CHUNK):
-            pass
+            stats = tarparts.extract(counted, pgdata, owner=owner, unchanged=record_name)  # type: ignore[arg-type]
+            # Drain so the checksum covers every stored byte, not just what tar needed.
+            while fetched.read(CHUNK):
+                pass
+            if advance is not None and part.raw_size > counted.count:
+                advance(part.raw_size - counted.count)  # the end-of-archive padding tar did not read
+        finally:
+            fetched.close()
     return stats.files, stats.skipped, stats.bytes, names
+
+
+def _largest_first(parts: list[PartRecord], size: Callable[[PartRecord], int], parallel: int,
+                   work: Callable[[PartRecord], T]) -> list[T]:
+    """work(part) for every part, `parallel` at once, the biggest first (a big part started last would
+    finish alone); results in the parts' order. The first failure cancels what has not started."""
+    order = sorted(range(len(parts)), key=lambda i: size(parts[i]), reverse=True)
+    results: dict[int, T] = {}
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="pgvault-restore") as pool:
+        futures = {pool.submit(work, parts[i]): i for i in order}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return [results[i] for i in range(len(parts))]
 
 
 def _remove_unlisted(pgdata: Path, keep: set[str]) -> None:
@@ -387,8 +497,10 @@ def restore(
 
     parallel = policy.restore.parallel
     progress(f"restore: verifying {len(backup.parts)} part(s) before writing anything")
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(lambda p: verify_object(storage, p), backup.parts))
+    # Every part is read once here, in parallel, and again to extract it: nothing may be written before
+    # all of them are known good (a part spooled locally instead would be written somewhere too).
+    with meter(progress, "restore: verify", sum(p.size for p in backup.parts)) as checked:
+        _largest_first(backup.parts, lambda p: p.size, parallel, lambda p: verify_object(storage, p, checked.advance))
     manifest = _read_manifest(storage, backup.manifest)
     assert request.config_path is not None
     settings = recovery.recovery_settings(plan.target, recovery.restore_command(request.config_path),
@@ -423,11 +535,11 @@ def restore(
             return (known is not None and path.is_file() and path.stat().st_size == size == known[0]
                     and _file_sha256(path) == known[1])
 
-        return _extract_part(storage, part, root, owner, unchanged if checksums else None)
+        return _extract_part(storage, part, root, owner, unchanged if checksums else None, extracted.advance)
 
     progress(f"restore: extracting into {pgdata}" + "".join(f", {r}" for r in roots.values()))
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        results = list(pool.map(extract, backup.parts))
+    with meter(progress, "restore: extract", sum(p.raw_size for p in backup.parts)) as extracted:
+        results = _largest_first(backup.parts, lambda p: p.raw_size, parallel, extract)
     written = sum(r[0] for r in results)
     skipped = sum(r[1] for r in results)
     nbytes = sum(r[2] for r in results)
