@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,11 +186,21 @@ def flip_middle(path: Path) -> None:
 
 # ---- (a) under load: every archived segment byte-exact, most calls on the fast path -------------------
 
+def switch_bursts(cluster: Cluster, stop: threading.Event) -> None:
+    """Until stop: every 2 s, four segments completed at once (a write and a WAL switch, four times)."""
+    with cluster.pg.connect() as conn:
+        conn.autocommit = True
+        conn.execute("CREATE TABLE IF NOT EXISTS burst (n int)")
+        while not stop.wait(2):
+            conn.execute("DO $$ BEGIN FOR i IN 1..4 LOOP INSERT INTO burst VALUES (i); PERFORM pg_switch_wal(); "
+                         "END LOOP; END $$")
+
+
 def test_under_pgbench_every_archived_segment_is_in_the_repository_byte_exact_and_most_calls_are_fast(
         workdir: Path, backend: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # 1 MiB segments: pgbench fills several per second, so segments queue up behind archive_command
-    # as they do on a busy server with 16 MiB ones. wal_keep_size keeps every segment in pg_wal for
-    # the byte comparison.
+    # 1 MiB segments: pgbench fills several per second, and every 2 s four WAL switches in a row add a
+    # burst, so segments queue up behind archive_command as they do on a busy server with 16 MiB ones
+    # (whatever this machine's speed). wal_keep_size keeps every segment in pg_wal for the byte comparison.
     made = pushing_cluster(workdir, backend, monkeypatch, initdb_options=["--wal-segsize=1"],
                            settings={"wal_keep_size": "4GB", "max_wal_size": "4GB", "checkpoint_timeout": "1h",
                                      "synchronous_commit": "off"})
@@ -200,10 +211,15 @@ def test_under_pgbench_every_archived_segment_is_in_the_repository_byte_exact_an
         backup = cluster.backup()
         load = subprocess.Popen([*bench, "-c", "2", "-T", "20", "postgres"], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
+        stop = threading.Event()
+        bursts = threading.Thread(target=switch_bursts, args=(cluster, stop), daemon=True)
+        bursts.start()
         try:
             marks = cluster.commit_batches(6, pause=3)
         finally:
             _out, err = load.communicate(timeout=120)
+            stop.set()
+            bursts.join(30)
         assert load.returncode == 0, err
         cluster.commit_batch()
         cluster.flush_archive()
@@ -215,7 +231,7 @@ def test_under_pgbench_every_archived_segment_is_in_the_repository_byte_exact_an
         fast = [name for name, was_full in calls if not was_full]
         print(f"{backend}: {archived} files archived, {len(full)} full-path calls, {len(fast)} fast-path calls")
         assert failed == 0 and len(calls) == archived, (failed, len(calls), archived)
-        assert archived > 50, f"the load made only {archived} segments"
+        assert archived > 50, f"the load made only {archived} segments"  # (the bursts alone make 36)
         # Without the look-ahead every call is a full one; with it, each full call's look-ahead takes
         # what queued up meanwhile (here 1-5 segments, depending on the machine's speed).
         assert len(full) < archived * 2 / 3, f"{len(full)} of {archived} calls took the full path"
