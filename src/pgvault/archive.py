@@ -10,6 +10,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pgvault.errors import ConflictError, IntegrityError, ObjectExists, UsageError
 from pgvault.pg.wal import (
@@ -119,24 +120,106 @@ def _resolve_existing(
     )
 
 
-def fetch(storage: Storage, layout: Layout, name: str, dest: Path) -> int:
-    """Restore one WAL file to dest, verified. Raises ObjectNotFound if it was never archived."""
+# What recovery should do about a damaged object (the same words whether read whole or streamed).
+_DAMAGED_HINT = ("recovery stops here rather than end early; put an intact copy of this segment in place (e.g. "
+                 "from the primary's pg_wal) and start again")
+_FETCH_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FetchedWal:
+    """One WAL file as written out by fetch_into: its raw (decompressed) size and SHA-256."""
+
+    name: str
+    raw_size: int
+    raw_sha256: str
+
+
+class _HashingReader:
+    """The stored bytes of an object as they stream past: counted and hashed for the final check."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(_FETCH_CHUNK):
+            pass
+
+
+def fetch_into(storage: Storage, layout: Layout, name: str, out: BinaryIO) -> FetchedWal:
+    """Stream one archived WAL file into out, decompressed, in bounded memory (a chunk at a time).
+
+    Checks the stored bytes against the object's recorded size and SHA-256 and the decompressed bytes
+    against its raw SHA-256 (guarantee 4). The checks end only at the end of the stream, so on any
+    error out holds garbage: the caller writes to a temporary file and discards it.
+    Raises ObjectNotFound if the file was never archived, IntegrityError if it is damaged.
+    """
     if not is_archivable(name):
         raise UsageError(f"{name!r} is not a WAL file name; restore_command must pass %f")
+    import zstandard
+
     key = layout.wal_key(name)
-    stored, meta = read_verified(storage, key, hint="recovery stops here rather than end early; put an intact "
-                                 "copy of this segment in place (e.g. from the primary's pg_wal) and start again")
-    try:
-        raw = stored if is_history(name) else decompress(stored)
-    except Exception as exc:  # zstandard raises its own ZstdError
-        raise IntegrityError(f"object {key} does not decompress: {exc}") from None
+    handle, meta = storage.open(key)
+    raw_digest = hashlib.sha256()
+    raw_size = 0
+    with handle:
+        stored = _HashingReader(handle)
+        try:
+            if is_history(name):
+                while chunk := stored.read(_FETCH_CHUNK):
+                    raw_digest.update(chunk)
+                    raw_size += len(chunk)
+                    out.write(chunk)
+            else:
+                reader = zstandard.ZstdDecompressor().stream_reader(stored, read_size=_FETCH_CHUNK, closefd=False)
+                while chunk := reader.read(_FETCH_CHUNK):
+                    raw_digest.update(chunk)
+                    raw_size += len(chunk)
+                    out.write(chunk)
+                stored.drain()  # anything after the frame is part of what the SHA-256 covers
+        except zstandard.ZstdError as exc:
+            # Damaged stored bytes usually fail to decompress first; name the checksum if it is that.
+            stored.drain()
+            _check_stored(key, stored, meta.size, meta.sha256)
+            raise IntegrityError(f"object {key} does not decompress: {exc}", hint=_DAMAGED_HINT) from None
+    _check_stored(key, stored, meta.size, meta.sha256)
+    raw_sha256 = raw_digest.hexdigest()
     expected = meta.extra.get("raw_sha256")
-    if expected and hashlib.sha256(raw).hexdigest() != expected:
-        raise IntegrityError(f"object {key} decompresses to other content than was archived")
+    if expected and raw_sha256 != expected:
+        raise IntegrityError(f"object {key} decompresses to other content than was archived", hint=_DAMAGED_HINT)
+    return FetchedWal(name, raw_size, raw_sha256)
+
+
+def _check_stored(key: str, stored: _HashingReader, size: int, sha256: str) -> None:
+    if stored.size != size or stored.digest.hexdigest() != sha256:
+        raise IntegrityError(f"object {key} does not match its recorded SHA-256; the repository is damaged",
+                             hint=_DAMAGED_HINT)
+
+
+def fetch(storage: Storage, layout: Layout, name: str, dest: Path) -> int:
+    """Restore one WAL file to dest, verified. Raises ObjectNotFound if it was never archived.
+
+    dest appears only complete and checked: the bytes go to a temporary name beside it first, which
+    is removed again if anything fails.
+    """
+    if not is_archivable(name):
+        raise UsageError(f"{name!r} is not a WAL file name; restore_command must pass %f")
     tmp = dest.with_name(f".{dest.name}.pgvault-tmp")
-    with open(tmp, "wb") as out:
-        out.write(raw)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, dest)
-    return len(raw)
+    try:
+        with open(tmp, "wb") as out:
+            fetched = fetch_into(storage, layout, name, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return fetched.raw_size

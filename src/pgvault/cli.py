@@ -222,7 +222,9 @@ def wal_fetch(ctx: Context, name: str, dest: Path) -> None:
     """Restore one WAL file (PostgreSQL's restore_command).
 
     Exits 1, silently, when the file is not in the repository (PostgreSQL's "end of archive");
-    exits 255 on any other failure so recovery stops instead of ending early.
+    exits 255 on any other failure so recovery stops instead of ending early. During a recovery
+    (run in the data directory) it also keeps a worker fetching the next segments ahead
+    (restore.prefetch); the next calls take them from its spool, checked against their SHA-256.
 
     Example: restore_command = 'pgvault --config /etc/pgvault/demo.yaml wal-fetch %f %p'
     """
@@ -251,6 +253,46 @@ def wal_fetch(ctx: Context, name: str, dest: Path) -> None:
     except Exception as exc:  # a full disk, a permission problem: never "end of archive"
         _report(PgvaultError(f"cannot restore {name} to {dest}: {exc}"), ctx.debug)
         sys.exit(WAL_FETCH_ERROR_EXIT)
+    if policy.restore.prefetch > 0:
+        try:
+            from pgvault.prefetch import after_full_fetch
+
+            after_full_fetch(ctx.policy_path(), Path.cwd(), name)
+        except Exception as exc:  # prefetch only saves time: the segment is in place, so this call succeeded
+            click.echo(f"warning: wal-fetch prefetch not started: {exc}", err=True)
+
+
+@cli.command("wal-prefetch", hidden=True)
+@click.option("--worker", "mode", flag_value="worker", help="Run the prefetch worker of --pgdata's spool.")
+@click.option("--clean", "mode", flag_value="clean", help="Stop the worker and remove the spool.")
+@click.option("--pgdata", type=click.Path(path_type=Path), default=None,
+              help="The data directory in recovery (default: the working directory, as PostgreSQL runs it).")
+@pass_context
+def wal_prefetch(ctx: Context, mode: str | None, pgdata: Path | None) -> None:
+    """Internal: wal-fetch's prefetch worker, and the removal of its spool when recovery ends.
+
+    wal-fetch starts the worker itself; restore sets recovery_end_command to the --clean call, which
+    prints what the spool did to the server log.
+
+    Example: recovery_end_command = 'pgvault --config /etc/pgvault/demo.yaml wal-prefetch --clean'
+    """
+    from pgvault import prefetch
+
+    if mode is None:
+        raise click.UsageError("give --worker or --clean")
+    where = (pgdata or Path.cwd()).absolute()
+    if mode == "worker":
+        prefetch.run_worker(ctx.policy_path(), where)
+        return
+    try:
+        report = prefetch.clean_spool(ctx.policy_path(), where)
+    except OSError as exc:
+        raise PgvaultError(f"cannot remove the wal-fetch prefetch spool: {exc}") from None
+    if report is not None and not ctx.quiet:
+        for line in report.notes:
+            click.echo(f"pgvault wal-fetch prefetch: {line}", err=True)
+        click.echo(f"pgvault wal-fetch prefetch: {report.fetched} segments prefetched, {report.served} served "
+                   "from the spool; spool removed", err=True)
 
 
 @cli.command()

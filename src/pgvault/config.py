@@ -231,6 +231,13 @@ class ArchiveConfig(_Section):
 
 class RestoreConfig(_Section):
     parallel: StrictInt = Field(default=2, ge=1, le=64)
+    # wal-fetch prefetch (restore_command): how many segments after the one PostgreSQL asks for a
+    # background worker fetches into a spool outside PGDATA (0 = off), how many at once, and how many
+    # bytes the spool may hold. Each restore_command call otherwise pays for its own process start,
+    # policy load, storage client and round trip; from the spool a call takes tens of milliseconds.
+    prefetch: StrictInt = Field(default=8, ge=0, le=256)
+    prefetch_parallel: StrictInt = Field(default=4, ge=1, le=32)
+    prefetch_max_bytes: Size = Field(default=1024**3, ge=0)
 
 
 class RetentionConfig(_Section):

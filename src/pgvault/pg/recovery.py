@@ -33,14 +33,29 @@ def self_command() -> list[str]:
     return [sys.executable, "-m", "pgvault"]
 
 
+_FETCH_ARGS = ' wal-fetch "%f" "%p"'
+
+
 def restore_command(config_path: Path) -> str:
-    parts = [*self_command(), "--config", str(config_path), "wal-fetch"]
+    parts = [*self_command(), "--config", str(config_path)]
     # PostgreSQL substitutes %f and %p; the rest is quoted for the shell it runs the command with.
-    return " ".join(shlex.quote(p) for p in parts) + ' "%f" "%p"'
+    return " ".join(shlex.quote(p) for p in parts) + _FETCH_ARGS
+
+
+def recovery_end_command(restore_cmd: str) -> str | None:
+    """The recovery_end_command that goes with a restore_command made by restore_command(): it stops
+    wal-fetch's prefetch worker and removes its spool (recovery_end_command runs in the data
+    directory too, so it finds the same spool). None for any other restore_command."""
+    if not restore_cmd.endswith(_FETCH_ARGS):
+        return None
+    return restore_cmd.removesuffix(_FETCH_ARGS) + " wal-prefetch --clean"
 
 
 def recovery_settings(target: RecoveryTarget, command: str, *, archive_off: bool) -> dict[str, str]:
     settings = {"restore_command": command}
+    end_command = recovery_end_command(command)
+    if end_command is not None:
+        settings["recovery_end_command"] = end_command
     match target.kind:
         case "time":
             assert target.time is not None
