@@ -11,14 +11,20 @@ size has a peak RSS that does not grow with the database". For every size this s
      (GNU time's %M, or ru_maxrss from wait4 in a small wrapper when /usr/bin/time is missing), its wall
      time, and the backup's parts, raw and stored size; for reference it also records the peak RSS of
      `pgvault check` on the same cluster (interpreter, imports, connection, repository: all but the stream),
-  5. destroys the cluster and its directory (also on Ctrl-C or SIGTERM).
+  5. with --restore, runs `pgvault restore` of that backup into an empty directory and records its wall
+     time and peak RSS the same way (the restored copy is not started),
+  6. destroys the cluster and its directory (also on Ctrl-C or SIGTERM).
 
 The data is loaded with wal_level=minimal and archiving off, so the load writes almost no WAL and the
 backup does not wait behind an archive backlog of the load; archiving through pgvault is on, as in
 production, for the backup itself.
 
 Usage:
-    .venv/bin/python bench/backup_memory.py [--sizes 64,256,1024] [--part-size 32MiB]
+    .venv/bin/python bench/backup_memory.py [--sizes 64,256,1024] [--part-size 32MiB] [--restore]
+        [--set backup.upload_parallel=1 ...]
+
+Another version of pgvault (an older checkout, for a before/after) is measured by putting its `src`
+first on PYTHONPATH: the pgvault commands inherit the environment (runuser keeps it).
 """
 
 from __future__ import annotations
@@ -82,6 +88,8 @@ class Row:
     backup_s: float
     baseline_rss_mib: float
     peak_rss_mib: float
+    restore_s: float | None = None
+    restore_rss_mib: float | None = None
 
 
 def log(message: str) -> None:
@@ -158,7 +166,8 @@ def fill(instance: LocalInstance, target_mib: int, noise_fraction: float) -> flo
     return int(instance.psql(f"SELECT pg_database_size('{DATABASE}')")) / MIB
 
 
-def enable_archiving(workdir: Path, instance: LocalInstance, part_size: str, threads: int | None) -> Path:
+def enable_archiving(workdir: Path, instance: LocalInstance, part_size: str, threads: int | None,
+                     sections: dict[str, Any]) -> Path:
     """Archive through pgvault wal-push into a file repository, as tests/conftest.py's new_cluster does."""
     config = workdir / "pgvault.yaml"
     repo = workdir / "repo"
@@ -170,6 +179,8 @@ def enable_archiving(workdir: Path, instance: LocalInstance, part_size: str, thr
     }
     if threads is not None:
         policy["compression"] = {"threads": threads}
+    for name, values in sections.items():
+        policy.setdefault(name, {}).update(values)
     config.write_text(yaml.safe_dump(policy, sort_keys=False))
     chown_to_db_user(config)
     instance.stop()
@@ -202,13 +213,14 @@ def measured(workdir: Path, config: Path, *args: str) -> tuple[str, float, float
     return result.stdout, wall, peak_kib / 1024
 
 
-def bench_one(target_mib: int, part_size: str, noise_fraction: float, threads: int | None) -> Row:
+def bench_one(target_mib: int, part_size: str, noise_fraction: float, threads: int | None, *,
+              restore: bool = False, sections: dict[str, Any] | None = None) -> Row:
     log(f"size {target_mib} MiB: creating cluster")
     with throwaway_cluster() as (workdir, instance):
         instance.start()
         db_mib = fill(instance, target_mib, noise_fraction)
         log(f"  database {db_mib:.0f} MiB; enabling archiving through pgvault")
-        config = enable_archiving(workdir, instance, part_size, threads)
+        config = enable_archiving(workdir, instance, part_size, threads, sections or {})
         # The same process without the stream: interpreter, imports, connection, repository.
         _, _, baseline = measured(workdir, config, "check")
         log("  pgvault backup")
@@ -220,18 +232,33 @@ def bench_one(target_mib: int, part_size: str, noise_fraction: float, threads: i
                   backup_s=float(record["duration_s"]), baseline_rss_mib=baseline, peak_rss_mib=peak)
         log(f"  {row.parts} parts, {row.raw_mib:.0f} MiB raw, {row.stored_mib:.0f} MiB stored, "
             f"{row.wall_s:.1f} s, peak RSS {row.peak_rss_mib:.1f} MiB (pgvault check: {row.baseline_rss_mib:.1f})")
+        if restore:
+            target = workdir / "restored"
+            log("  pgvault restore")
+            _, row.restore_s, row.restore_rss_mib = measured(
+                workdir, config, "restore", "--pgdata", str(target), "--backup", record["id"],
+                "--target", "immediate", "--archive-mode", "off")
+            log(f"  restored in {row.restore_s:.1f} s, peak RSS {row.restore_rss_mib:.1f} MiB")
         return row
 
 
-def print_table(rows: list[Row], part_size: str, threads: int | None) -> None:
+def print_table(rows: list[Row], part_size: str, threads: int | None,
+                sections: dict[str, dict[str, Any]] | None = None) -> None:
     zstd = "zstd threads: one per core" if threads in (None, 0) else f"zstd threads: {threads}"
-    print(f"part size {part_size}, {zstd}, {os.cpu_count()} CPUs; check RSS = peak RSS of `pgvault check` on the "
-          "same cluster")
-    header = ("size MiB", "DB MiB", "parts", "largest part MiB", "raw MiB", "stored MiB", "wall s",
-              "peak RSS MiB", "check RSS MiB")
+    settings = "".join(f", {name}.{key}: {value}" for name, values in (sections or {}).items()
+                       for key, value in values.items())
+    print(f"part size {part_size}, {zstd}{settings}, {os.cpu_count()} CPUs; check RSS = peak RSS of `pgvault check` "
+          "on the same cluster")
+    header: tuple[str, ...] = ("size MiB", "DB MiB", "parts", "largest part MiB", "raw MiB", "stored MiB",
+                               "wall s", "peak RSS MiB", "check RSS MiB")
     cells = [[f"{r.target_mib}", f"{r.db_mib:.0f}", f"{r.parts}", f"{r.largest_part_mib:.0f}", f"{r.raw_mib:.0f}",
               f"{r.stored_mib:.0f}", f"{r.wall_s:.1f}", f"{r.peak_rss_mib:.1f}", f"{r.baseline_rss_mib:.1f}"]
              for r in rows]
+    if any(r.restore_s is not None for r in rows):
+        header += ("restore s", "restore RSS MiB")
+        for r, c in zip(rows, cells, strict=True):
+            c += [f"{r.restore_s:.1f}" if r.restore_s is not None else "",
+                  f"{r.restore_rss_mib:.1f}" if r.restore_rss_mib is not None else ""]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     print(" | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     print("-+-".join("-" * w for w in widths))
@@ -248,6 +275,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="share of the data that is random bytes rather than pgbench tables (default 0.25)")
     parser.add_argument("--threads", type=int, default=None,
                         help="compression.threads (default: the policy default, one zstd worker per core)")
+    parser.add_argument("--restore", action="store_true",
+                        help="also restore each backup into an empty directory and measure that")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="another policy setting, e.g. backup.upload_parallel=4 or restore.parallel=1 "
+                        "(repeatable; the value is read as YAML)")
     parser.add_argument("--json", dest="json_out", metavar="FILE", help="also write the rows to FILE as JSON")
     args = parser.parse_args(argv)
     try:
@@ -261,6 +293,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--noise-fraction must be in [0, 1)")
     if args.threads is not None and not 0 <= args.threads <= 64:
         parser.error("--threads must be 0-64, as compression.threads")
+    sections: dict[str, dict[str, Any]] = {}
+    for setting in args.settings:
+        name, sep, value = setting.partition("=")
+        section, dot, key = name.partition(".")
+        if not sep or not dot or not section or not key:
+            parser.error(f"--set {setting!r}: write SECTION.KEY=VALUE, e.g. restore.parallel=4")
+        sections.setdefault(section, {})[key] = yaml.safe_load(value)
+    args.sections = sections
     return args
 
 
@@ -277,14 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     try:
         for size in args.sizes:
-            rows.append(bench_one(size, args.part_size, args.noise_fraction, args.threads))
+            rows.append(bench_one(size, args.part_size, args.noise_fraction, args.threads, restore=args.restore,
+                                  sections=args.sections))
     except (KeyboardInterrupt, Interrupted):
         log("interrupted; cleaned up")
         return 130
     except (PgvaultError, RuntimeError) as exc:
         log(f"failed: {exc}")
         return 1
-    print_table(rows, args.part_size, args.threads)
+    print_table(rows, args.part_size, args.threads, args.sections)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
     return 0
