@@ -14,7 +14,7 @@ The spool (pgvault.spool.fetch_spool: one per policy file and data directory) ho
     lock                    flock of the running worker (one per spool), with its pid
     want                    the segment PostgreSQL was given last; the window is the `prefetch` after it
     <segment>               a prefetched segment, complete and fsynced
-    <segment>.sum           its sidecar: {"size": ..., "sha256": ...} of the decompressed bytes
+    <segment>.sum           its sidecar: "<size> <sha256>" of the decompressed bytes
     .<segment>.tmp          a segment being fetched
     .<segment>.take.<pid>   a segment a fast path is handing over to PostgreSQL
     worker.log              what an operator should know (window restarts, errors, rejections)
@@ -35,19 +35,21 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from pgvault.spool import fetch_spool, spool_root
 
+# Not typing.TYPE_CHECKING: importing typing (and dataclasses, json) would cost the fast path more than
+# its own work; type checkers treat this name the same way.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Collection, Mapping
+    from typing import Any
+
     from pgvault.archive import FetchedWal
     from pgvault.repo.base import Storage
     from pgvault.repo.layout import Layout
@@ -96,10 +98,17 @@ def at_or_after(name: str, mark: str) -> bool:
     return name[:8] == mark[:8] and name[8:] >= mark[8:]
 
 
-@dataclass(frozen=True)
 class Plan:
-    drop: tuple[str, ...]  # spooled segments nobody will ask for: older, another timeline, out of the window
-    start: tuple[str, ...]  # segments to begin fetching now, nearest first
+    """What the worker does next (a plain class: see TYPE_CHECKING above for why no dataclass)."""
+
+    __slots__ = ("drop", "start")
+
+    def __init__(self, drop: tuple[str, ...], start: tuple[str, ...]) -> None:
+        self.drop = drop  # spooled segments nobody will ask for: older, another timeline, out of the window
+        self.start = start  # segments to begin fetching now, nearest first
+
+    def __repr__(self) -> str:
+        return f"Plan(drop={self.drop!r}, start={self.start!r})"
 
 
 def plan(want: str, spooled: Mapping[str, int], fetching: Collection[str], stop_at: str | None, *, count: int,
@@ -367,13 +376,13 @@ def _await_inflight(spool: Path, name: str) -> bool:
 
 def _matches_sidecar(path: Path, sidecar: Path) -> bool:
     try:
-        expected = json.loads(sidecar.read_bytes())
-        size, sha256 = int(expected["size"]), str(expected["sha256"])
+        size_text, sha256 = sidecar.read_text().split()
+        size = int(size_text)
         with open(path, "rb") as handle:
             if os.fstat(handle.fileno()).st_size != size:
                 return False
             return hashlib.file_digest(handle, "sha256").hexdigest() == sha256
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return False
 
 
@@ -447,13 +456,13 @@ def remove_stale_spools(*, keep: Path | None = None, max_age: float = STALE_SPOO
 # ---- the end of recovery -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class SpoolReport:
     """What a spool did, read when it is removed."""
 
-    fetched: int  # segments the worker put in the spool
-    served: int  # segments handed to PostgreSQL from it
-    notes: list[str]  # worker.log
+    def __init__(self, fetched: int, served: int, notes: list[str]) -> None:
+        self.fetched = fetched  # segments the worker put in the spool
+        self.served = served  # segments handed to PostgreSQL from it
+        self.notes = notes  # worker.log
 
 
 def clean_spool(config: str | os.PathLike[str], pgdata: str | os.PathLike[str]) -> SpoolReport | None:
@@ -482,12 +491,12 @@ def clean_spool(config: str | os.PathLike[str], pgdata: str | os.PathLike[str]) 
 # ---- the worker ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class WorkerSettings:
-    count: int
-    parallel: int
-    max_bytes: int
-    segment_size: int
+    def __init__(self, count: int, parallel: int, max_bytes: int, segment_size: int) -> None:
+        self.count = count
+        self.parallel = parallel
+        self.max_bytes = max_bytes
+        self.segment_size = segment_size
 
 
 def _prefetch_one(storage: Storage, layout: Layout, spool: Path, name: str) -> FetchedWal:
@@ -501,8 +510,7 @@ def _prefetch_one(storage: Storage, layout: Layout, spool: Path, name: str) -> F
             fetched = fetch_into(storage, layout, name, out)
             out.flush()
             os.fsync(out.fileno())
-        _write_atomically(spool / (name + SIDECAR), json.dumps({"size": fetched.raw_size,
-                                                                "sha256": fetched.raw_sha256}))
+        _write_atomically(spool / (name + SIDECAR), f"{fetched.raw_size} {fetched.raw_sha256}\n")
         os.rename(tmp, spool / name)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

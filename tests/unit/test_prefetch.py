@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -163,8 +162,7 @@ def recovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[
 
 
 def spool_segment(spool: Path, name: str, data: bytes) -> None:
-    (spool / (name + prefetch.SIDECAR)).write_text(json.dumps({"size": len(data),
-                                                               "sha256": hashlib.sha256(data).hexdigest()}))
+    (spool / (name + prefetch.SIDECAR)).write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
     (spool / name).write_bytes(data)
 
 
