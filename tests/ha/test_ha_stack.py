@@ -44,6 +44,7 @@ class Stack:
     policy: Path
     password: str = ""
     restored: list[LocalInstance] = field(default_factory=list)
+    conns: dict[str, psycopg.Connection[Any]] = field(default_factory=dict)
 
     @property
     def state(self) -> StackState:
@@ -67,13 +68,39 @@ class Stack:
                                **kwargs)
 
     def sql(self, port_name: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self.connect(port_name) as conn:
-            cur = conn.execute(sql, params or None)
-            return cur.fetchall() if cur.description else []
+        """One statement on a kept connection per endpoint: HAProxy admits only 20 new connections per
+        client address per 3 s, and every client here is 127.0.0.1. A connection HAProxy cut (a
+        failover, a restore) is replaced once."""
+        for attempt in (1, 2):
+            conn = self.conns.get(port_name)
+            if conn is None or conn.closed:
+                conn = self.conns[port_name] = self.connect(port_name)
+            try:
+                cur = conn.execute(sql, params or None)
+                return cur.fetchall() if cur.description else []
+            except psycopg.OperationalError:
+                conn.close()
+                if attempt == 2:
+                    raise
+                time.sleep(1)
+        raise AssertionError("unreachable")
+
+    def close_all(self) -> None:
+        for conn in self.conns.values():
+            conn.close()
+        self.conns.clear()
 
     def members(self) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(self.state.rest_url(NODES[0]) + "/cluster", timeout=5) as response:
-            return json.loads(response.read())["members"]
+        """The cluster as the first member that answers describes it (a killed one does not)."""
+        error: OSError | None = None
+        for node in NODES:
+            try:
+                with urllib.request.urlopen(self.state.rest_url(node) + "/cluster", timeout=5) as response:
+                    return json.loads(response.read())["members"]
+            except OSError as exc:
+                error = exc
+        assert error is not None
+        raise error
 
     def leader(self) -> str | None:
         try:
@@ -158,12 +185,16 @@ def stack() -> Iterator[Stack]:
         handle.password = parse_env_file((handle.root / "secrets" / "stack.env").read_text())["POSTGRES_PASSWORD"]
         yield handle
     finally:
+        handle.close_all()
         for instance in handle.restored:
             instance.destroy()
         handle.cli("stack", "down", "--runtime", "local", "--dir", str(handle.root))
         for line in _stack_processes(handle.root):
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("PGVAULT_TEST_KEEP"):
+            print(f"kept {work}")  # the services' logs, for a failure to be read
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 # ---- 1. up: a leader, two streaming replicas, writes and reads routed --------------------------------------
@@ -197,6 +228,20 @@ def test_up_reaches_a_leader_and_two_streaming_replicas_and_routes_writes_and_re
     with urllib.request.urlopen(status["endpoints"]["haproxy_stats"], timeout=5) as response:
         assert response.status == 200 and b"primary_nodes" in response.read()
 
+    # HAProxy's rate limit: at most 20 new connections per client address per 3 s on an entry point.
+    time.sleep(3.5)  # what this test opened so far has left the 3 s window
+    admitted, refused = [], 0
+    for _ in range(30):
+        try:
+            admitted.append(stack.connect("haproxy_read"))
+        except psycopg.OperationalError:
+            refused += 1
+    for conn in admitted:
+        conn.close()
+    # HAProxy's conn_rate is a sliding estimate over the period: allow one either way of 20.
+    assert 19 <= len(admitted) <= 21 and refused == 30 - len(admitted), (len(admitted), refused)
+    time.sleep(3.5)
+
     # No password in what status prints, in the rendered configs or in any process's command line.
     assert stack.password not in json.dumps(status)
     for config in [*stack.root.glob("*/patroni.yml"), *stack.root.glob("*/pgvault.yaml"),
@@ -224,11 +269,27 @@ def test_three_schedulers_take_one_backup_from_the_replica_the_policy_picks(stac
     chown_to_db_user(stack.work / "repo")  # written as root here; the schedulers run as postgres
     before = _backup_ids(stack)
 
+    # The schedulers as the stack runs them: daemons, one per node, started together.
+    # As the postgres user directly (not through runuser, which would take the SIGTERM itself).
+    import pwd
+
+    db_user = pwd.getpwnam("postgres")
     procs = {node: subprocess.Popen(
-        ["runuser", "-u", "postgres", "--", PGVAULT, "--config", str(stack.state.node_policy(node)),
-         "schedule", "run", "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp")
+        [PGVAULT, "--config", str(stack.state.node_policy(node)), "schedule", "run"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd="/tmp", user=db_user.pw_uid, group=db_user.pw_gid, extra_groups=[],
+        env={**os.environ, "HOME": db_user.pw_dir})
         for node in NODES}
-    outputs = {node: proc.communicate(timeout=300) for node, proc in procs.items()}
+    try:
+        def settled() -> bool:
+            state = StateStore(storage, SCOPE).read()
+            return state is not None and "backup" in state.jobs and state.jobs["backup"].status in ("ok", "failed")
+
+        wait_for(settled, "the slot's backup to finish", timeout=180, interval=0.5)
+        time.sleep(3)  # time for a second backup, were one (wrongly) to start
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+    outputs = {node: proc.communicate(timeout=120) for node, proc in procs.items()}
     for node, proc in procs.items():
         assert proc.returncode == 0, f"{node}: {outputs[node][1]}"
 
@@ -305,6 +366,14 @@ def test_failover_under_load_loses_no_acknowledged_row_in_the_repository(stack: 
 
     writer = Writer(stack)
     writer.start()
+    try:
+        _failover_under_load(stack, writer, old_leader, old_timeline)
+    finally:
+        writer.stop.set()
+        writer.join(timeout=30)
+
+
+def _failover_under_load(stack: Stack, writer: Writer, old_leader: str, old_timeline: int) -> None:
     wait_for(lambda: len(writer.acked) >= 100, "100 rows written", timeout=60, interval=0.1)
     state = stack.state
     postmaster = int((state.data_dir(old_leader) / "postmaster.pid").read_text().split()[0])

@@ -318,6 +318,25 @@ def _postmaster_pid(datadir: Path) -> int | None:
     return pid if any(arg.decode(errors="replace") == str(datadir) for arg in cmdline) else None
 
 
+def _processes_in(directory: Path) -> list[int]:
+    """Processes working in directory: what a node's PostgreSQL left running there (a wal-fetch
+    prefetch worker outlives the restore_command call that started it, by design)."""
+    found = []
+    inside = str(directory) + "/"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd") + "/"
+            args = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        # In the data directory, or naming it (a prefetch worker is told its data directory).
+        if cwd.startswith(inside) or any(a == str(directory) or a.startswith(inside) for a in args):
+            found.append(int(entry.name))
+    return found
+
+
 def _wait_gone(check: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -597,6 +616,13 @@ class LocalStack:
             with suppress(ProcessLookupError):
                 os.kill(pid, sig)  # SIGINT: fast shutdown; SIGQUIT: immediate
             _wait_gone(lambda: _postmaster_pid(datadir) is not None, wait)
+        if _postmaster_pid(datadir) is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for pid in _processes_in(datadir):
+                    with suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
+                if _wait_gone(lambda: bool(_processes_in(datadir)), 5):
+                    break
 
     def down(self, timeout: float = 90) -> dict[str, Any]:
         state = self.require_state()
