@@ -201,8 +201,8 @@ class RepositoryConfig(_Section):
 class CompressionConfig(_Section):
     type: Literal["zstd"] = "zstd"
     level: StrictInt = Field(default=3, ge=1, le=19)
-    # zstd worker threads for backup parts; 0 means one per core, at most 4 (each costs 10-25 MiB of
-    # memory, and more threads rarely beat the speed PostgreSQL streams the backup at).
+    # zstd worker threads for backup parts; 0 means one per core, at most 4 (more threads rarely beat the
+    # speed PostgreSQL streams the backup at). With pgvault's 2 MiB jobs a worker costs a few MiB.
     threads: StrictInt = Field(default=0, ge=0, le=64)
 
 
@@ -213,8 +213,8 @@ class BackupConfig(_Section):
     # How long to wait for the WAL a backup needs to reach the repository before failing it.
     wal_timeout: Duration = timedelta(minutes=5)
     # Parts uploaded at once. The part being read is one of them, so 2 lets the upload of one part
-    # overlap the reading of the next; each costs a share of a fixed 64 MiB buffer (then a temp file)
-    # and, on S3, one multipart chunk of memory.
+    # overlap the reading of the next. They share a fixed 16 MiB buffer (beyond it, a temp file); on S3
+    # each also holds a multipart chunk or two in memory.
     upload_parallel: StrictInt = Field(default=2, ge=1, le=64)
 
 

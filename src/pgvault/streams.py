@@ -3,6 +3,7 @@ whole-object zstd for small objects."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import threading
@@ -43,6 +44,9 @@ class ChunkReader:
         data = self._current[self._offset : end]
         self._offset = end
         return data
+
+
+READ_LIMIT = 1024 * 1024  # bytes a SpoolPipe.read copies at once (from memory or the spill file)
 
 
 class PipeClosed(Exception):
@@ -128,28 +132,43 @@ class SpoolPipe:
             self._cond.notify_all()
 
     def read(self, size: int = -1) -> bytes:
-        """Up to size bytes (all that is buffered when size < 0), waiting for at least one; b"" at the end."""
-        with self._cond:
-            while not self._items and not self._eof and self._error is None:
-                self._cond.wait()
-            if self._error is not None:
-                raise PipeClosed(f"the writer stopped: {self._error}")
-            limit = size if size is not None and size >= 0 else None
-            pieces: list[bytes] = []
-            taken = 0
-            while self._items and (limit is None or taken < limit):
-                want = None if limit is None else limit - taken
-                piece = self._take(want)
-                pieces.append(piece)
-                taken += len(piece)
-            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        """size bytes (everything when size < 0), fewer only at the end; waits for them, as a file would.
 
-    def _take(self, want: int | None) -> bytes:
+        A multipart upload asks for a whole chunk at once: handing it back as one object (built in place,
+        see below) spares the caller joining pieces, which would hold the chunk twice.
+        """
+        first: bytes | None = None
+        out: io.BytesIO | None = None
+        taken = 0
+        with self._cond:
+            while size < 0 or taken < size:
+                while not self._items and not self._eof and self._error is None:
+                    self._cond.wait()
+                if self._error is not None:
+                    raise PipeClosed(f"the writer stopped: {self._error}")
+                if not self._items:
+                    break  # the end
+                piece = self._take(READ_LIMIT if size < 0 else min(size - taken, READ_LIMIT))
+                taken += len(piece)
+                if first is None:
+                    first = piece
+                    continue
+                if out is None:
+                    # BytesIO grows its buffer in place and getvalue() hands that buffer over without a
+                    # copy, so the answer costs its own size once, not twice as b"".join(pieces) would.
+                    out = io.BytesIO()
+                    out.write(first)
+                out.write(piece)
+        if out is not None:
+            return out.getvalue()
+        return first if first is not None else b""
+
+    def _take(self, want: int) -> bytes:
         """The head of the queue, at most want bytes of it (called with the lock held)."""
         item = self._items[0]
         if isinstance(item, bytes):
             start = self._head
-            count = len(item) - start if want is None else min(len(item) - start, want)
+            count = min(len(item) - start, want)
             self._in_memory -= count
             if start + count == len(item):
                 self._items.popleft()
@@ -158,7 +177,7 @@ class SpoolPipe:
             self._head += count
             return item[start : start + count]
         offset, length = item
-        count = length if want is None else min(length, want)
+        count = min(length, want)
         assert self._file is not None
         data = os.pread(self._file.fileno(), count, offset)
         if len(data) != count:
