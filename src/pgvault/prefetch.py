@@ -68,6 +68,7 @@ IDLE_EXIT = 60.0  # a worker nobody asked anything of for this long drops its se
 INFLIGHT_WAIT = 30.0  # the longest a fast path waits for a segment the worker is fetching right now
 INFLIGHT_STALL = 5.0  # ... or for one whose temporary file stopped growing
 STALE_SPOOL_AGE = 24 * 3600.0  # spools untouched this long are removed by any full wal-fetch
+STALE_SEGMENTS_AGE = 600.0  # ... and their segments after this long, if no worker runs for them
 STOP_WAIT = 5.0  # how long --clean waits for a worker it asked to stop
 _HEX = frozenset("0123456789ABCDEF")
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
@@ -428,8 +429,11 @@ def after_full_fetch(config: str | os.PathLike[str], pgdata: str | os.PathLike[s
     return ensure_worker(config, pgdata)
 
 
-def remove_stale_spools(*, keep: Path | None = None, max_age: float = STALE_SPOOL_AGE) -> list[Path]:
-    """Remove prefetch spools untouched for max_age seconds whose worker is gone (recoveries that never ended)."""
+def remove_stale_spools(*, keep: Path | None = None, max_age: float = STALE_SPOOL_AGE,
+                        segments_age: float = STALE_SEGMENTS_AGE) -> list[Path]:
+    """Tidy the spools of other recoveries whose worker is gone: drop their segments once untouched for
+    segments_age seconds (a worker that was killed could not), remove them whole after max_age (a
+    recovery that never ended). Returns the spools removed whole."""
     import shutil
 
     removed: list[Path] = []
@@ -447,9 +451,15 @@ def remove_stale_spools(*, keep: Path | None = None, max_age: float = STALE_SPOO
                                                       if (spool / f).exists()))
         except OSError:
             continue
-        if now - touched > max_age and _holder(spool) is None:
+        if now - touched <= min(max_age, segments_age) or _holder(spool) is not None:
+            continue
+        if now - touched > max_age:
             shutil.rmtree(spool, ignore_errors=True)
             removed.append(spool)
+        else:
+            with contextlib.suppress(OSError):
+                _remove_segments(spool)
+                _sweep(spool)
     return removed
 
 
@@ -532,6 +542,7 @@ def run_worker(config: Path, pgdata: Path) -> None:
     if lock_fd is None:
         return
     _setup_logging(spool)
+    signal.signal(signal.SIGTERM, _stop_handler(spool))
     os.chdir(spool)  # nothing of PGDATA's stays busy because of us
     try:
         _sweep(spool)
@@ -556,6 +567,20 @@ def run_worker(config: Path, pgdata: Path) -> None:
         note(spool, f"worker stopped: {exc.message if isinstance(exc, PgvaultError) else repr(exc)}")
     finally:
         os.close(lock_fd)
+
+
+def _stop_handler(spool: Path) -> Any:
+    """SIGTERM (wal-prefetch --clean, or whoever stops the server's processes): drop the segments and
+    temporary files at once and exit, without waiting for the fetches in flight. A worker killed
+    without a chance to do this leaves them to remove_stale_spools."""
+
+    def stop(_signum: int, _frame: object) -> None:
+        with contextlib.suppress(OSError):
+            _remove_segments(spool)
+            _sweep(spool)
+        os._exit(0)
+
+    return stop
 
 
 def _setup_logging(spool: Path) -> None:

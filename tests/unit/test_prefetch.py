@@ -238,25 +238,49 @@ def test_the_fast_path_imports_only_the_standard_library() -> None:
 
 # ---- stale spools ------------------------------------------------------------------------------------
 
-def test_spools_untouched_for_long_without_a_worker_are_removed(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spools_of_gone_workers_lose_their_segments_after_minutes_and_go_after_a_day(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGVAULT_SPOOL_DIR", str(tmp_path))
-    old, fresh, busy = (fetch_spool(str(tmp_path / "p.yaml"), str(tmp_path / d)) for d in ("a", "b", "c"))
-    for spool in (old, fresh, busy):
+    old, idle, fresh, busy = (fetch_spool(str(tmp_path / "p.yaml"), str(tmp_path / d)) for d in "abcd")
+    for spool in (old, idle, fresh, busy):
         spool.mkdir(parents=True)
         prefetch.set_want(spool, A)
+        spool_segment(spool, names(0x11, 1)[0], b"segment")
+        (spool / f".{names(0x12, 1)[0]}{prefetch.TMP}").write_bytes(b"half")  # a killed worker's fetch
     lock = os.open(busy / prefetch.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        day_ago = os.stat(old).st_mtime - 2 * prefetch.STALE_SPOOL_AGE
-        for spool in (old, busy):
+        now = os.stat(old).st_mtime
+        ages = {old: 2 * prefetch.STALE_SPOOL_AGE, idle: 2 * prefetch.STALE_SEGMENTS_AGE,
+                busy: 2 * prefetch.STALE_SPOOL_AGE}
+        for spool, age in ages.items():
             for path in (spool, spool / prefetch.WANT, spool / prefetch.LOCK):
                 if path.exists():
-                    os.utime(path, (day_ago, day_ago))
+                    os.utime(path, (now - age, now - age))
         assert prefetch.remove_stale_spools() == [old]
     finally:
         os.close(lock)
-    assert not old.exists() and fresh.exists() and busy.exists()
+    assert not old.exists()
+    assert idle.exists() and prefetch.spooled_segments(idle) == {}
+    assert not any(p.name.endswith(prefetch.TMP) for p in idle.iterdir())
+    assert prefetch.read_want(idle) == A  # what it did stays until the day is over
+    for kept in (fresh, busy):  # recent, or its worker runs
+        assert list(prefetch.spooled_segments(kept)) == names(0x11, 1)
+
+
+def test_a_stopped_worker_drops_its_segments_and_temporary_files(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    spool_segment(tmp_path, A, b"segment")
+    (tmp_path / f".{names(0x11, 1)[0]}{prefetch.TMP}").write_bytes(b"half")
+    prefetch.set_want(tmp_path, A)
+
+    def exit_(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(prefetch.os, "_exit", exit_)
+    with pytest.raises(SystemExit):
+        prefetch._stop_handler(tmp_path)(15, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [prefetch.WANT]
 
 
 def test_a_segment_handed_over_while_the_spool_is_listed_still_counts(tmp_path: Path,
