@@ -22,8 +22,9 @@ The spool (pgvault.spool.fetch_spool: one per policy file and data directory) ho
 
 Only the full path reads the repository for PostgreSQL: the fast path answers 0 or not at all, so
 "not in the archive" (exit 1) and failures (255) keep their meaning. The spool goes away when
-recovery ends (restore sets recovery_end_command to `wal-prefetch --clean`), when its worker has
-been idle for a minute (the prefetched segments), or a day after it was last touched.
+recovery ends (restore sets recovery_end_command to `wal-prefetch --clean`); its segments also go
+when the worker has been idle for a minute or is stopped (SIGTERM), or ten minutes after a killed
+worker's last activity; what is left goes a day after it was last touched.
 
 This module is imported by the console script's fast path (pgvault.entry): at module level it uses
 the standard library only; the worker imports the rest inside its functions.
