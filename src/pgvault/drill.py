@@ -392,6 +392,15 @@ def _cleanup(scratch: _Scratch | None, bindir: Path | None, report: DrillReport)
         report.fail(f"cleanup: the scratch instance on {scratch.pgdata} could not be stopped: {exc}")
         return
     try:
+        # A recovery that failed never ran its recovery_end_command: stop the copy's wal-fetch
+        # prefetch worker and remove its spool here.
+        from pgvault.prefetch import clean_spool
+
+        clean_spool(scratch.policy, scratch.pgdata)
+    except Exception as exc:
+        report.fail(f"cleanup: the scratch copy's WAL prefetch spool could not be removed: {exc}")
+        return
+    try:
         shutil.rmtree(scratch.root)
     except OSError as exc:
         report.fail(f"cleanup: the scratch directory {scratch.root} could not be removed: {exc}")

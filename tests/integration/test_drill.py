@@ -152,7 +152,8 @@ def test_drill_to_a_target_passes_and_its_checks_see_exactly_the_rows_committed_
     assert 0 < report["rpo_seconds"] < PAUSE + 1
     # RTO: from the drill's start until the copy answered, i.e. planning, restoring and recovering.
     until_answer = sum(s["seconds"] for s in report["steps"] if s["name"] in ("plan", "restore", "recover"))
-    assert until_answer <= report["rto_seconds"] <= until_answer + 2
+    # The recover step closes a moment after the RTO is taken inside it, and each figure is rounded.
+    assert until_answer - 0.05 <= report["rto_seconds"] <= until_answer + 2
     assert report["sizes"] == {"backup_stored_bytes": history.backup["stored_size"],
                                "backup_raw_bytes": history.backup["raw_size"],
                                "restored_bytes": report["sizes"]["restored_bytes"]}

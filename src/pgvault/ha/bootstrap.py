@@ -15,6 +15,7 @@ pg_basebackup from the leader.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -144,6 +145,11 @@ def run_patroni_bootstrap(policy: Policy, storage: Storage, config_path: Path, d
         if instance.is_running():
             instance.stop("fast", timeout=600)
         shutil.rmtree(scratch, ignore_errors=True)
+        # A failed recovery never ran recovery_end_command: stop the prefetch worker it started.
+        from pgvault.prefetch import clean_spool
+
+        with contextlib.suppress(Exception):
+            clean_spool(config_path, datadir)
     _clean_auto_conf(datadir)
     progress(f"patroni-bootstrap: {datadir} is a primary on timeline {timeline} (from backup "
              f"{result.backup_id}, {result.target}); Patroni starts it")
