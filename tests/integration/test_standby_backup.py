@@ -275,7 +275,9 @@ def test_standby_backup_across_a_failover_ends_on_the_new_timeline(workdir: Path
         old.sql("CHECKPOINT")
         _replayed(source, old.pg)
         config = workdir / "source.yaml"
-        write_policy(config, CLUSTER, source.conninfo(), old.repo, backup={"part_size": "1MiB", "wal_timeout": "2m"})
+        # One upload at a time: holding the first part's upload then holds the stream too.
+        write_policy(config, CLUSTER, source.conninfo(), old.repo,
+                     backup={"part_size": "1MiB", "wal_timeout": "2m", "upload_parallel": 1})
         reached, release = workdir / "reached", workdir / "release"
         proc = subprocess.Popen(as_db_user([PYTHON, "-c", _HOLD_FIRST_PART, str(reached), str(release), "--config",
                                             str(config), "-q", "backup", "--json"]),
