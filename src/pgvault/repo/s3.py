@@ -398,10 +398,19 @@ class _ResumingReader(io.RawIOBase):
         self.body = answer["Body"]
 
     def _read_some(self, size: int) -> bytes:
+        import botocore.exceptions
+        import urllib3.exceptions
+
         if self.body is None:
             self._reopen()
         try:
             return bytes(self.body.read(size))
+        except (urllib3.exceptions.HTTPError, ConnectionError) as exc:
+            # A body cut mid-stream (a reset) can surface from urllib3 unwrapped: the same transient
+            # fault as botocore's streaming error, so the call resumes with a ranged GET.
+            self.body.close()
+            self.body = None
+            raise botocore.exceptions.ResponseStreamingError(error=exc) from exc
         except BaseException:
             self.body.close()
             self.body = None
