@@ -225,8 +225,13 @@ def test_up_reaches_a_leader_and_two_streaming_replicas_and_routes_writes_and_re
 
     port, in_recovery = stack.sql("haproxy_read", "SELECT inet_server_port(), pg_is_in_recovery()")[0]
     assert port in replica_ports and in_recovery is True, "a read through the read port lands on a replica"
-    wait_for(lambda: stack.sql("haproxy_read", "SELECT via FROM routed WHERE id = 1") == [("pgbouncer",)],
-             "the row on the replica", timeout=30, interval=0.2)
+    def replicated() -> bool:
+        try:
+            return stack.sql("haproxy_read", "SELECT via FROM routed WHERE id = 1") == [("pgbouncer",)]
+        except psycopg.errors.UndefinedTable:
+            return False  # the replica has not replayed the CREATE TABLE yet (the sync standby may be the other)
+
+    wait_for(replicated, "the row on the replica", timeout=30, interval=0.2)
     with urllib.request.urlopen(status["endpoints"]["haproxy_stats"], timeout=5) as response:
         assert response.status == 200 and b"primary_nodes" in response.read()
 
