@@ -238,7 +238,7 @@ class S3Storage:
         except BaseException:
             self._abort(key, upload_id)
             raise
-        self._write_sidecar(key, meta)
+        self._write_sidecar(key, meta, conditional)
         return meta
 
     def _abort(self, key: str, upload_id: str) -> None:
@@ -247,10 +247,19 @@ class S3Storage:
             self._call("AbortMultipartUpload", key, lambda: self.client.abort_multipart_upload(
                 Bucket=self.bucket, Key=self.prefix + key, UploadId=upload_id))
 
-    def _write_sidecar(self, key: str, meta: ObjectMeta) -> None:
+    def _write_sidecar(self, key: str, meta: ObjectMeta, conditional: bool = False) -> None:
         body = json.dumps({"size": meta.size, "sha256": meta.sha256, "extra": dict(meta.extra)}).encode()
-        self._call("PutObject", key + META_SUFFIX, lambda: self.client.put_object(
-            Bucket=self.bucket, Key=self.prefix + key + META_SUFFIX, Body=body, **self._write_args()))
+        # Written once, like its object: a retried PUT whose first answer was lost finds its own
+        # sidecar (412) instead of adding a second version of it.
+        extra_args: dict[str, Any] = {"IfNoneMatch": "*"} if conditional else {}
+        try:
+            self._call("PutObject", key + META_SUFFIX, lambda: self.client.put_object(
+                Bucket=self.bucket, Key=self.prefix + key + META_SUFFIX, Body=body, **extra_args,
+                **self._write_args()))
+        except ObjectExists:
+            stored = self._sidecar_or_none(key)
+            if stored is None or (stored.size, stored.sha256) != (meta.size, meta.sha256):
+                raise
 
     def _sidecar_or_none(self, key: str) -> ObjectMeta | None:
         try:
