@@ -60,7 +60,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 def compose_config(env_file: Path) -> subprocess.CompletedProcess[str]:
     if not Path(DOCKER_COMPOSE_V1).exists():
-        pytest.skip("docker-compose 1.29 (Debian's docker-compose package) is not installed")
+        pytest.fail("docker-compose 1.29 (Debian's docker-compose package) is not installed: scripts/setup installs it")
     return subprocess.run([DOCKER_COMPOSE_V1, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config"],
                           capture_output=True, text=True, env=_clean_env(), timeout=120)
 
