@@ -107,6 +107,20 @@ def test_head_of_object_whose_sidecar_is_not_yet_written_describes_its_bytes(sto
     assert (meta.size, meta.sha256) == (len(b"complete data"), _sha(b"complete data"))
 
 
+def test_sidecar_without_its_data_is_no_object_and_a_new_put_heals_it(storage: FileStorage) -> None:
+    # The data file deleted (by hand, by damage) while its sidecar stayed: nothing is stored under the
+    # key, so head/open say so and a writer (wal-push re-archiving from pg_wal) may publish it again.
+    storage.put("c/obj", io.BytesIO(b"old bytes"))
+    (storage.root / "c/obj").unlink()
+    assert storage.head("c/obj") is None
+    with pytest.raises(ObjectNotFound):
+        storage.open("c/obj")
+    meta = storage.put("c/obj", io.BytesIO(b"new bytes"))
+    assert (meta.size, meta.sha256) == (len(b"new bytes"), _sha(b"new bytes"))
+    assert _read(storage, "c/obj") == b"new bytes"
+    assert _assert_consistent(storage.root, "c/obj")["sha256"] == _sha(b"new bytes")
+
+
 # ---- no overwrite ---------------------------------------------------------------------------------
 
 def test_put_without_overwrite_raises_and_leaves_object_unchanged(storage: FileStorage) -> None:

@@ -150,6 +150,10 @@ class FileStorage:
     def head(self, key: str) -> ObjectMeta | None:
         path = self._path(key)
         try:
+            # The data file is the object; a sidecar left without it (the data deleted by hand or by
+            # damage) describes nothing, and saying otherwise would make wal-push answer "already
+            # archived" for a segment that is gone. put() then publishes the data and a new sidecar.
+            os.stat(path)
             return self._read_meta(path)
         except FileNotFoundError:
             return None
