@@ -85,3 +85,16 @@ def test_a_body_cut_off_is_transient() -> None:
     error = botocore.exceptions.IncompleteReadError(actual_bytes=0, expected_bytes=212)
     with pytest.raises(TransientError, match="the answer was cut off"):
         _storage()._translated("GetObject", "k.meta", _raise(error))
+
+
+def test_a_reset_while_botocore_reads_an_error_answer_is_transient() -> None:
+    # botocore reads a 404's XML body itself; a reset there came out of urllib3 unwrapped and ended
+    # a wal-fetch with 255 instead of being retried (seen through the fault proxy under prefetch).
+    import urllib3.exceptions
+
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    error = urllib3.exceptions.ProtocolError(f"Connection broken: {reset!r}", reset)
+    with pytest.raises(TransientError, match="the connection broke"):
+        _storage()._translated("GetObject", "c/wal/00000002.history", _raise(error))
+    with pytest.raises(TransientError):
+        _storage()._translated("GetObject", "c/wal/00000002.history", _raise(reset))

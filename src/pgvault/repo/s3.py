@@ -107,6 +107,7 @@ class S3Storage:
 
     def _translated(self, operation: str, key: str, fn: Callable[[], T]) -> T:
         import botocore.exceptions
+        import urllib3.exceptions
 
         try:
             return fn()
@@ -130,6 +131,12 @@ class S3Storage:
                 "running pgvault (PostgreSQL's user for archive_command), or repository.s3.profile") from None
         except botocore.exceptions.BotoCoreError as exc:
             raise RepositoryError(f"S3 {operation} {self._url(key)} failed: {exc}") from None
+        except (urllib3.exceptions.HTTPError, ConnectionError) as exc:
+            # botocore reads an error answer's body (a 404's XML) itself; a reset there surfaces from
+            # urllib3 unwrapped ("Connection broken"): the same transient fault, retried.
+            raise TransientError(f"{_describe_connection_error(exc)} (endpoint {self._endpoint()})",
+                                 hint="check that the store is up; PostgreSQL retries restore_command and "
+                                 "archive_command") from None
 
     def _client_error(self, exc: Any, operation: str, key: str) -> RepositoryError:
         error = exc.response.get("Error", {})
@@ -471,6 +478,8 @@ def _describe_connection_error(exc: Exception) -> str:
     kind = type(exc).__name__
     if "Timeout" in kind:
         return "the store did not answer in time (timeout)"
+    if "Protocol" in kind:
+        return "the connection broke during the answer"
     if "Closed" in kind or "Reset" in kind or "Streaming" in kind:
         return "the connection was reset"
     if "IncompleteRead" in kind:
