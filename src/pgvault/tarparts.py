@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from pgvault.errors import IntegrityError, UnsafeArchive
+from pgvault.writeback import Writeback
 
 BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
@@ -202,9 +203,11 @@ def extract(
                 assert source is not None
                 tmp = target.with_name(f".{target.name}.pgvault-tmp")
                 with open(tmp, "wb") as out:
+                    writeback = Writeback(out.fileno())
                     while chunk := source.read(CHUNK):
                         out.write(chunk)
-                    out.flush()
+                        out.flush()  # so the bytes are the kernel's when writeback is asked for
+                        writeback.wrote(len(chunk))
                     os.fsync(out.fileno())
                 os.chmod(tmp, stat.S_IMODE(member.mode) & 0o700 or 0o600)
                 os.replace(tmp, target)
