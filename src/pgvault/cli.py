@@ -289,10 +289,8 @@ def wal_prefetch(ctx: Context, mode: str | None, pgdata: Path | None) -> None:
     except OSError as exc:
         raise PgvaultError(f"cannot remove the wal-fetch prefetch spool: {exc}") from None
     if report is not None and not ctx.quiet:
-        for line in report.notes:
-            click.echo(f"pgvault wal-fetch prefetch: {line}", err=True)
-        click.echo(f"pgvault wal-fetch prefetch: {report.fetched} segments prefetched, {report.served} served "
-                   "from the spool; spool removed", err=True)
+        for line in prefetch.report_lines(report):
+            click.echo(line, err=True)
 
 
 @cli.command()

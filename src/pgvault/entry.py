@@ -3,7 +3,8 @@
 PostgreSQL runs archive_command and restore_command once per WAL segment. When the look-ahead of
 an earlier wal-push already put a segment in the repository, or a prefetch already fetched it, the
 answer needs neither click nor pydantic nor boto3: this module parses just those command lines
-(standard library only) and lets pgvault.push_ahead / pgvault.prefetch answer. Anything they do
+(standard library only) and lets pgvault.push_ahead / pgvault.prefetch answer. So does removing the
+prefetch spool when recovery ends (recovery_end_command, which PostgreSQL waits for). Anything they do
 not answer for certain, and every other command, goes to pgvault.cli.main.
 """
 
@@ -13,10 +14,11 @@ import os
 import sys
 
 
-def parse_fast(argv: list[str]) -> tuple[str, str, list[str]] | None:
-    """(config path, command, arguments) of `[--config FILE | --config=FILE] [-q] wal-push|wal-fetch ARGS`;
-    None for anything else (the CLI then parses it, with its errors)."""
+def parse_fast(argv: list[str]) -> tuple[str, str, list[str], bool] | None:
+    """(config path, command, arguments, quiet) of `[--config FILE | --config=FILE] [-q] wal-push|wal-fetch
+    ARGS` or `... wal-prefetch --clean`; None for anything else (the CLI then parses it, with its errors)."""
     config = os.environ.get("PGVAULT_CONFIG")
+    quiet = False
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -25,31 +27,37 @@ def parse_fast(argv: list[str]) -> tuple[str, str, list[str]] | None:
         elif arg.startswith("--config="):
             config, i = arg.split("=", 1)[1], i + 1
         elif arg in ("-q", "--quiet"):
-            i += 1
+            quiet, i = True, i + 1
         else:
             break
-    if i >= len(argv) or argv[i] not in ("wal-push", "wal-fetch") or not config:
+    if i >= len(argv) or not config:
         return None
-    args = argv[i + 1:]
-    if any(a.startswith("-") for a in args):
+    command, args = argv[i], argv[i + 1:]
+    if command == "wal-prefetch":
+        return (config, command, args, quiet) if args == ["--clean"] else None
+    if command not in ("wal-push", "wal-fetch") or any(a.startswith("-") for a in args):
         return None
-    return config, argv[i], args
+    return config, command, args, quiet
 
 
 def main() -> None:
     parsed = parse_fast(sys.argv[1:])
     if parsed is not None:
-        config, command, args = parsed
+        config, command, args, quiet = parsed
         code: int | None = None
         try:
             if command == "wal-push":
                 from pgvault.push_ahead import fast_push
 
                 code = fast_push(config, args)
-            else:
+            elif command == "wal-fetch":
                 from pgvault.prefetch import fast_fetch
 
                 code = fast_fetch(config, args)
+            else:
+                from pgvault.prefetch import fast_clean
+
+                code = fast_clean(config, quiet)
         except ImportError:
             code = None
         except Exception:  # the fast path only ever answers for certain; the full path decides

@@ -17,11 +17,15 @@ The spool (pgvault.spool.fetch_spool: one per policy file and data directory) ho
     <segment>.sum           its sidecar: "<size> <sha256>" of the decompressed bytes
     .<segment>.tmp          a segment being fetched
     .<segment>.take.<pid>   a segment a fast path is handing over to PostgreSQL
+    policy                  SHA-256 of the policy file the worker loaded
+    .ask.<pid>, .answer.<pid>  a fast path's question "is this file archived?" and the worker's answer
     worker.log              what an operator should know (window restarts, errors, rejections)
     fetched, served         one line per segment prefetched / handed over from the spool
 
-Only the full path reads the repository for PostgreSQL: the fast path answers 0 or not at all, so
-"not in the archive" (exit 1) and failures (255) keep their meaning. The spool goes away when
+The segment handed over last stays (hard-linked) while it is `want`: a recovery re-reads the
+segment it ends in. The fast path answers 0, or 1 ("not in the archive") only when the running
+worker, asked just then, looked in the repository and did not find the file; anything else goes to
+the full path, so "not in the archive" and failures (255) keep their meaning. The spool goes away when
 recovery ends (restore sets recovery_end_command to `wal-prefetch --clean`); its segments also go
 when the worker has been idle for a minute or is stopped (SIGTERM), or ten minutes after a killed
 worker's last activity; what is left goes a day after it was last touched.
@@ -63,11 +67,17 @@ SERVED = "served"
 SIDECAR = ".sum"
 TMP = ".tmp"
 TAKE = ".take."
+ASK = ".ask."  # .ask.<pid>: a fast path's question to the worker (a WAL file name)
+ANSWER = ".answer."  # .answer.<pid>: "absent <name>" or "present <name>"
+POLICY = "policy"  # SHA-256 of the policy file the worker loaded
+ABSENT = "absent"
+PRESENT = "present"
 
 POLL = 0.02  # how often an idle or waiting worker looks at `want` (seconds)
 IDLE_EXIT = 60.0  # a worker nobody asked anything of for this long drops its segments and exits
 INFLIGHT_WAIT = 30.0  # the longest a fast path waits for a segment the worker is fetching right now
 INFLIGHT_STALL = 5.0  # ... or for one whose temporary file stopped growing
+ASK_WAIT = 10.0  # the longest a fast path waits for the worker's answer (a HEAD request, retried)
 STALE_SPOOL_AGE = 24 * 3600.0  # spools untouched this long are removed by any full wal-fetch
 STALE_SEGMENTS_AGE = 600.0  # ... and their segments after this long, if no worker runs for them
 STOP_WAIT = 5.0  # how long --clean waits for a worker it asked to stop
@@ -318,20 +328,23 @@ def ensure_worker(config: str | os.PathLike[str], pgdata: str | os.PathLike[str]
 
 
 def fast_fetch(config: str, args: list[str]) -> int | None:
-    """restore_command's answer from the spool: 0 once the segment is in place, None to let the full path answer.
+    """restore_command's answer from the spool: 0 once the segment is in place, 1 when the running worker
+    just found the file not archived, None to let the full path answer.
 
-    Standard library only, and never 1: only the full path, which asks the repository, may say that a
-    file is not archived. A spooled copy whose size or SHA-256 does not match its sidecar is deleted
-    and never handed over.
+    Standard library only. A spooled copy whose size or SHA-256 does not match its sidecar is deleted
+    and never handed over. "Not archived" (1) ends recovery, so it is never answered from what the
+    spool remembers: only from a fresh look the worker takes at the repository when asked (_ask).
     """
-    if len(args) != 2 or not is_segment_name(args[0]):
-        return None  # history files, .partial, bad arguments: the full path
+    if len(args) != 2:
+        return None  # bad arguments: the full path says what is wrong
     name, dest = args
     pgdata = os.getcwd()
     spool = fetch_spool(config, pgdata)
+    if not is_segment_name(name):
+        return 1 if is_history_name(name) and _ask(spool, config, name) == ABSENT else None
     data = spool / name
     if not data.exists() and not _await_inflight(spool, name):
-        return None
+        return 1 if _ask(spool, config, name) == ABSENT else None
     # `want` first: the worker never drops the segment equal to it, and starts on the next one now.
     set_want(spool, name)
     taken = spool / f".{name}{TAKE}{os.getpid()}"
@@ -339,21 +352,81 @@ def fast_fetch(config: str, args: list[str]) -> int | None:
         os.rename(data, taken)
     except OSError:
         return None
+    kept = False
     try:
         if not _matches_sidecar(taken, spool / (name + SIDECAR)):
             note(spool, f"{name}: the prefetched copy does not match its SHA-256; deleted it, the full wal-fetch "
                  "reads the repository instead")
             return None
         _hand_over(taken, Path(dest))
+        # Kept while it is `want`: recovery that ends in this segment reads it once more (to start the
+        # new timeline with it), and then the spool answers again. The next segment asked drops it.
+        os.rename(taken, data)
+        kept = True
     finally:
-        for leftover in (taken, spool / (name + SIDECAR)):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        if not kept:
+            for leftover in (taken, spool / (name + SIDECAR)):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
     with contextlib.suppress(OSError):
         _append(spool / SERVED, name)
     with contextlib.suppress(OSError):
         ensure_worker(config, pgdata)  # keep the window full (the worker may have exited idle)
     return 0
+
+
+def is_history_name(name: str) -> bool:
+    return len(name) == 16 and name.endswith(".history") and set(name[:8]) <= _HEX
+
+
+def _policy_sha256(config: str | os.PathLike[str]) -> str | None:
+    try:
+        with open(config, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _ask(spool: Path, config: str, name: str) -> str | None:
+    """Whether `name` is in the repository, asked of the spool's worker, which looks now (ABSENT, PRESENT),
+    or None: no worker, a worker started with another version of the policy, or no answer in time.
+
+    The question is a file `.ask.<pid>` holding the name; the answer `.answer.<pid>`. A worker that
+    already loaded the policy and the storage client answers in milliseconds where a full wal-fetch
+    spends a second's worth of imports; PostgreSQL asks "is there a newer timeline?" several times
+    in every recovery, and once for the segment after the end of the archive.
+    """
+    if _holder(spool) is None:
+        return None
+    policy = _policy_sha256(config)
+    try:
+        started_with = (spool / POLICY).read_text().strip()
+    except OSError:
+        return None
+    if policy is None or policy != started_with:
+        return None  # the worker would answer for the repository of the policy as it was
+    pid = os.getpid()
+    question, answer = spool / f"{ASK}{pid}", spool / f"{ANSWER}{pid}"
+    try:
+        _write_atomically(question, name + "\n")
+        deadline = time.monotonic() + ASK_WAIT
+        while time.monotonic() < deadline:
+            try:
+                text = answer.read_text().strip()
+            except FileNotFoundError:
+                if _holder(spool) is None:
+                    return None
+                time.sleep(0.002)
+                continue
+            said, _, about = text.partition(" ")
+            return said if about == name and said in (ABSENT, PRESENT) else None
+        return None
+    except OSError:
+        return None
+    finally:
+        for leftover in (question, answer):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def _await_inflight(spool: Path, name: str) -> bool:
@@ -389,14 +462,18 @@ def _matches_sidecar(path: Path, sidecar: Path) -> bool:
 
 
 def _hand_over(path: Path, dest: Path) -> None:
-    """Move a checked segment to dest: a rename on one file system, else a copy that is fsynced first."""
+    """Put a checked segment at dest, path staying where it is: a hard link on one file system, else a
+    copy that is fsynced first. Either way dest appears whole or not at all."""
+    tmp = dest.with_name(f".{dest.name}.pgvault-tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
     try:
-        os.rename(path, dest)
+        os.link(path, tmp)
+        os.replace(tmp, dest)
         return
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    tmp = dest.with_name(f".{dest.name}.pgvault-tmp")
     try:
         with open(path, "rb") as src, open(tmp, "wb") as out:
             while chunk := src.read(_COPY_CHUNK):
@@ -422,12 +499,27 @@ def after_full_fetch(config: str | os.PathLike[str], pgdata: str | os.PathLike[s
     """
     if not is_segment_name(name) or not os.path.isfile(os.path.join(pgdata, "PG_VERSION")):
         return False
+    spool = _prepare(config, pgdata, name)
+    _remove(spool, name)  # a copy the fast path did not take (it failed its check, or was late)
+    return ensure_worker(config, pgdata)
+
+
+def seed(config: str | os.PathLike[str], pgdata: str | os.PathLike[str], first: str, segment_size: int) -> bool:
+    """Before recovery starts (the end of a restore): a worker fetching from segment `first` on, so that
+    PostgreSQL's first segments come from the spool too. A worker nobody asks anything of exits after
+    IDLE_EXIT. Returns whether a worker was started."""
+    if not is_segment_name(first) or first[8:] == "0" * 16:
+        return False  # no segment before the first one to put the window after
+    _prepare(config, pgdata, segment_after(first, -1, segment_size))
+    return ensure_worker(config, pgdata)
+
+
+def _prepare(config: str | os.PathLike[str], pgdata: str | os.PathLike[str], want: str) -> Path:
     spool = fetch_spool(config, pgdata)
     remove_stale_spools(keep=spool)
     _make_dirs(spool)
-    set_want(spool, name)
-    _remove(spool, name)  # a copy the fast path did not take (it failed its check, or was late)
-    return ensure_worker(config, pgdata)
+    set_want(spool, want)
+    return spool
 
 
 def remove_stale_spools(*, keep: Path | None = None, max_age: float = STALE_SPOOL_AGE,
@@ -474,6 +566,22 @@ class SpoolReport:
         self.fetched = fetched  # segments the worker put in the spool
         self.served = served  # segments handed to PostgreSQL from it
         self.notes = notes  # worker.log
+
+
+def report_lines(report: SpoolReport) -> list[str]:
+    """What `wal-prefetch --clean` tells the server log about a removed spool."""
+    return [*(f"pgvault wal-fetch prefetch: {line}" for line in report.notes),
+            f"pgvault wal-fetch prefetch: {report.fetched} segments prefetched, {report.served} served from the "
+            "spool; spool removed"]
+
+
+def fast_clean(config: str, quiet: bool) -> int:
+    """recovery_end_command (`wal-prefetch --clean`) without the CLI: PostgreSQL waits for it before
+    it promotes. Runs in the data directory, as PostgreSQL runs it."""
+    report = clean_spool(config, os.getcwd())
+    if report is not None and not quiet:
+        sys.stderr.write("".join(line + "\n" for line in report_lines(report)))
+    return 0
 
 
 def clean_spool(config: str | os.PathLike[str], pgdata: str | os.PathLike[str]) -> SpoolReport | None:
@@ -551,6 +659,7 @@ def run_worker(config: Path, pgdata: Path) -> None:
         from pgvault.config import load_policy
         from pgvault.repo import open_storage
 
+        policy_sha256 = _policy_sha256(config)
         policy = load_policy(config)
         if policy.restore.prefetch == 0:
             _remove_segments(spool)
@@ -561,6 +670,8 @@ def run_worker(config: Path, pgdata: Path) -> None:
                                   policy.restore.prefetch_max_bytes, catalog.require_cluster_info().wal_segment_size)
         note(spool, f"worker started: {settings.count} segments ahead, {settings.parallel} at once, at most "
              f"{settings.max_bytes} bytes")
+        if policy_sha256 is not None:
+            _write_atomically(spool / POLICY, policy_sha256 + "\n")  # fast paths ask only this policy's worker
         _work(spool, lock_fd, storage, catalog.layout, settings)
     except Exception as exc:  # the full path still works without us; say why we stopped
         from pgvault.errors import PgvaultError
@@ -568,6 +679,36 @@ def run_worker(config: Path, pgdata: Path) -> None:
         note(spool, f"worker stopped: {exc.message if isinstance(exc, PgvaultError) else repr(exc)}")
     finally:
         os.close(lock_fd)
+
+
+def _answer(spool: Path, storage: Storage, layout: Layout) -> bool:
+    """Answer the fast paths' questions (see _ask) by looking in the repository now. Only an intact
+    repository may say "absent", as in the full path: an unmounted or emptied one gets no answer, so
+    the full path reports it. Returns whether there was a question."""
+    from pgvault.errors import PgvaultError
+
+    questions = [entry for entry in os.scandir(spool) if entry.name.startswith(ASK)]
+    for entry in questions:
+        pid = entry.name[len(ASK):]
+        try:
+            name = Path(entry.path).read_text().strip()
+        except FileNotFoundError:
+            continue  # the asker gave up
+        if not (is_segment_name(name) or is_history_name(name)):
+            continue
+        try:
+            if storage.head(layout.wal_key(name)) is not None:
+                said = PRESENT
+            elif storage.head(layout.cluster_json) is not None:
+                said = ABSENT
+            else:
+                continue
+        except PgvaultError as exc:
+            note(spool, f"{name}: cannot tell whether it is archived ({exc.message}); the full wal-fetch will")
+            continue
+        with contextlib.suppress(OSError):
+            _write_atomically(spool / f"{ANSWER}{pid}", f"{said} {name}\n")
+    return bool(questions)
 
 
 def _stop_handler(spool: Path) -> Any:
@@ -620,6 +761,8 @@ def _work(spool: Path, lock_fd: int, storage: Storage, layout: Layout, settings:
     pool = ThreadPoolExecutor(settings.parallel, thread_name_prefix="prefetch")
     try:
         while _still_ours(spool, lock_fd):
+            if _answer(spool, storage, layout):
+                last_activity = time.monotonic()
             asked = read_want(spool)
             if asked != want:
                 if want is not None and asked is not None and not at_or_after(asked, want):

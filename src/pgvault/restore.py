@@ -504,6 +504,21 @@ def _write_tablespace_map(pgdata: Path, roots: dict[str, Path], owner: tuple[int
         os.chown(path, *owner)
 
 
+def _start_prefetch(policy: Policy, config_path: Path, pgdata: Path, first: str, segment_size: int,
+                    progress: Progress) -> None:
+    """wal-fetch's prefetch worker, started now so that recovery's first segments are in its spool
+    before PostgreSQL asks (it otherwise starts after the first full wal-fetch). Only when this user
+    is the one restore_command will run as: a spool made by root would be useless to postgres."""
+    if policy.restore.prefetch == 0 or os.geteuid() == 0:
+        return
+    from pgvault import prefetch
+
+    try:
+        prefetch.seed(config_path, pgdata, first, segment_size)
+    except OSError as exc:  # recovery works without it: the first wal-fetch starts one
+        progress(f"restore: wal-fetch prefetch not started ahead of recovery: {exc}")
+
+
 def restore(
     storage: Storage, policy: Policy, request: RestoreRequest, *, waldump: str, progress: Progress,
 ) -> RestoreResult:
@@ -585,6 +600,7 @@ def restore(
 
     recovery.write_recovery(pgdata, settings)
     os.sync()
+    _start_prefetch(policy, request.config_path, pgdata, backup.start_wal, view.segment_size, progress)
     progress(f"restore: done; start PostgreSQL on {pgdata} to recover to {plan.target.describe()}")
     return RestoreResult(
         backup_id=backup.id, pgdata=str(pgdata), target=plan.target.describe(), timeline=plan.timeline,

@@ -166,15 +166,22 @@ def spool_segment(spool: Path, name: str, data: bytes) -> None:
     (spool / name).write_bytes(data)
 
 
-def test_a_spooled_segment_is_moved_into_place(recovery: tuple[str, Path, Path]) -> None:
+def test_a_spooled_segment_is_put_in_place_and_kept_for_the_re_read_at_the_end_of_recovery(
+        recovery: tuple[str, Path, Path]) -> None:
     config, pgdata, spool = recovery
     data = os.urandom(64 * 1024)
     spool_segment(spool, A, data)
     assert fast_fetch(config, [A, "pg_wal/RECOVERYXLOG"]) == 0
     assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == data
-    assert not (spool / A).exists() and not (spool / (A + prefetch.SIDECAR)).exists()
     assert prefetch.read_want(spool) == A
-    assert (spool / prefetch.SERVED).read_text().split() == [A]
+    # Still spooled (the same file, linked), as `want`, which the worker keeps until the next segment.
+    assert prefetch.spooled_segments(spool) == {A: len(data)}
+    assert os.path.samefile(spool / A, pgdata / "pg_wal" / "RECOVERYXLOG")
+    (pgdata / "pg_wal" / "RECOVERYXLOG").unlink()  # as PostgreSQL does once it has read it
+    assert fast_fetch(config, [A, "pg_wal/RECOVERYXLOG"]) == 0  # recovery ends in A: A again
+    assert (pgdata / "pg_wal" / "RECOVERYXLOG").read_bytes() == data
+    assert (spool / prefetch.SERVED).read_text().split() == [A, A]
+    assert not [p.name for p in spool.iterdir() if prefetch.TAKE in p.name or p.name.endswith(".pgvault-tmp")]
 
 
 def test_a_spooled_segment_that_fails_its_checksum_is_deleted_not_handed_over(
@@ -299,3 +306,163 @@ def test_a_segment_handed_over_while_the_spool_is_listed_still_counts(tmp_path: 
     spooled, taken = prefetch.scan(tmp_path, SEG)
     assert len(spooled) + len(taken) == 1
     assert sum(spooled.values()) + sum(taken) == SEG  # its size is no longer known: a whole segment
+
+
+# ---- started by restore, removed when recovery ends -----------------------------------------------------
+
+def test_a_restore_seeds_the_window_so_recovery_s_first_segment_is_fetched_ahead(
+        recovery: tuple[str, Path, Path]) -> None:
+    config, pgdata, spool = recovery  # the fixture holds the lock: no worker process is started here
+    assert prefetch.seed(config, pgdata, "000000010000000100000000", SEG) is False
+    # The window is the segments after `want`: the one before the first puts the first in it.
+    assert prefetch.read_want(spool) == "0000000100000000000000FF"
+    assert window(prefetch.read_want(spool) or "", 2, SEG) == ["000000010000000100000000", "000000010000000100000001"]
+
+
+@pytest.mark.parametrize("first", ["000000010000000000000000", "00000002.history", "bogus"])
+def test_seed_does_nothing_without_a_segment_before_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              first: str) -> None:
+    monkeypatch.setenv("PGVAULT_SPOOL_DIR", str(tmp_path / "spool"))
+    assert prefetch.seed(str(tmp_path / "policy.yaml"), tmp_path, first, SEG) is False
+    assert not (tmp_path / "spool").exists()
+
+
+def test_clean_fast_path_removes_the_spool_and_prints_its_report(
+        recovery: tuple[str, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    config, _pgdata, spool = recovery
+    prefetch.note(spool, "worker started: 8 segments ahead")
+    (spool / prefetch.FETCHED).write_text(f"{A}\n")
+    (spool / prefetch.SERVED).write_text(f"{A}\n")
+    os.unlink(spool / prefetch.LOCK)  # the fixture's stand-in worker is no process to stop: as one that exited
+    assert prefetch.fast_clean(config, quiet=False) == 0
+    assert not spool.exists()
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith("worker started: 8 segments ahead")
+    assert err[-1] == ("pgvault wal-fetch prefetch: 1 segments prefetched, 1 served from the spool; spool removed")
+    assert prefetch.fast_clean(config, quiet=False) == 0  # again: nothing to do, nothing printed
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--config", "p.yaml", "wal-fetch", "A", "B"], ("p.yaml", "wal-fetch", ["A", "B"], False)),
+    (["--config=p.yaml", "-q", "wal-push", "pg_wal/A"], ("p.yaml", "wal-push", ["pg_wal/A"], True)),
+    (["--config", "p.yaml", "wal-prefetch", "--clean"], ("p.yaml", "wal-prefetch", ["--clean"], False)),
+    (["--config", "p.yaml", "wal-prefetch", "--worker"], None),  # the worker needs the whole program
+    (["--config", "p.yaml", "wal-fetch", "--help"], None),
+    (["wal-fetch", "A", "B"], None),  # no policy named: the CLI's error
+    (["--config", "p.yaml", "list"], None),
+])
+def test_only_the_per_segment_commands_take_the_fast_path(argv: list[str], expected: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgvault.entry import parse_fast
+
+    monkeypatch.delenv("PGVAULT_CONFIG", raising=False)
+    assert parse_fast(argv) == expected
+
+
+# ---- "is it archived?": asked of the running worker, which looks in the repository now -----------------
+
+@pytest.fixture
+def storage_with_cluster(tmp_path: Path) -> Any:
+    import io
+
+    from pgvault.repo.file import FileStorage
+    from pgvault.repo.layout import Layout
+
+    storage = FileStorage(tmp_path / "repo")
+    layout = Layout("test")
+    storage.put(layout.cluster_json, io.BytesIO(b"{}"))
+    storage.put(layout.wal_key("00000002.history"), io.BytesIO(b"1\t0/3000000\tno recovery target specified\n"))
+    return storage, layout
+
+
+def ask_in_thread(spool: Path, config: str, name: str) -> dict[str, Any]:
+    import threading
+
+    said: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: said.update(answer=prefetch._ask(spool, config, name)))
+    thread.start()
+    said["thread"] = thread
+    return said
+
+
+def wait_for_question(spool: Path) -> None:
+    import time
+
+    deadline = time.monotonic() + 10
+    while not [p for p in spool.iterdir() if p.name.startswith(prefetch.ASK)]:
+        assert time.monotonic() < deadline, "the fast path asked nothing"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("00000003.history", prefetch.ABSENT),
+    ("00000002.history", prefetch.PRESENT),
+    ("000000020000000000000005", prefetch.ABSENT),
+])
+def test_the_worker_answers_from_the_repository_as_it_is_now(recovery: tuple[str, Path, Path],
+                                                             storage_with_cluster: Any, name: str,
+                                                             expected: str) -> None:
+    config, _pgdata, spool = recovery
+    Path(config).write_text("cluster: test\n")
+    (spool / prefetch.POLICY).write_text(hashlib.sha256(b"cluster: test\n").hexdigest() + "\n")
+    storage, layout = storage_with_cluster
+    said = ask_in_thread(spool, config, name)
+    wait_for_question(spool)
+    assert prefetch._answer(spool, storage, layout) is True
+    said["thread"].join(10)
+    assert said["answer"] == expected
+    assert not [p.name for p in spool.iterdir() if p.name.startswith((prefetch.ASK, prefetch.ANSWER))]
+
+
+def test_an_emptied_repository_gets_no_answer_so_the_full_path_reports_it(
+        recovery: tuple[str, Path, Path], storage_with_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    config, _pgdata, spool = recovery
+    Path(config).write_text("cluster: test\n")
+    (spool / prefetch.POLICY).write_text(hashlib.sha256(b"cluster: test\n").hexdigest() + "\n")
+    storage, layout = storage_with_cluster
+    storage.delete([layout.cluster_json])
+    monkeypatch.setattr(prefetch, "ASK_WAIT", 0.5)
+    said = ask_in_thread(spool, config, "00000003.history")
+    wait_for_question(spool)
+    prefetch._answer(spool, storage, layout)
+    said["thread"].join(10)
+    assert said["answer"] is None
+
+
+def test_no_question_without_a_worker_or_to_a_worker_of_another_policy(recovery: tuple[str, Path, Path]) -> None:
+    config, _pgdata, spool = recovery
+    Path(config).write_text("cluster: test\n")
+    # No policy recorded: a worker still starting (or of an older pgvault) is not asked.
+    assert prefetch._ask(spool, config, "00000003.history") is None
+    (spool / prefetch.POLICY).write_text(hashlib.sha256(b"cluster: other\n").hexdigest() + "\n")
+    assert prefetch._ask(spool, config, "00000003.history") is None
+    assert fast_fetch(config, ["00000003.history", "pg_wal/RECOVERYHISTORY"]) is None
+    assert not [p.name for p in spool.iterdir() if p.name.startswith(prefetch.ASK)]
+
+
+def test_not_archived_is_answered_by_the_fast_path_only_after_asking(recovery: tuple[str, Path, Path],
+                                                                     storage_with_cluster: Any) -> None:
+    import threading
+
+    config, pgdata, spool = recovery
+    Path(config).write_text("cluster: test\n")
+    (spool / prefetch.POLICY).write_text(hashlib.sha256(b"cluster: test\n").hexdigest() + "\n")
+    storage, layout = storage_with_cluster
+    stop = threading.Event()
+
+    def answer_until_stopped() -> None:  # the worker's loop, as far as questions go
+        while not stop.is_set():
+            prefetch._answer(spool, storage, layout)
+            stop.wait(0.005)
+
+    worker = threading.Thread(target=answer_until_stopped)
+    worker.start()
+    try:
+        assert fast_fetch(config, ["00000003.history", "pg_wal/RECOVERYHISTORY"]) == 1
+        assert fast_fetch(config, ["00000002.history", "pg_wal/RECOVERYHISTORY"]) is None  # the full path fetches it
+        assert fast_fetch(config, ["000000010000000000000011", "pg_wal/RECOVERYXLOG"]) == 1
+    finally:
+        stop.set()
+        worker.join(10)
+    assert not (pgdata / "pg_wal" / "RECOVERYHISTORY").exists()
