@@ -271,9 +271,19 @@ def test_three_schedulers_take_one_backup_from_the_replica_the_policy_picks(stac
     from pgvault.repo import open_storage
     from pgvault.scheduler import SchedulerState, StateStore
 
-    wait_for(stack.healthy, "a healthy stack", timeout=120, interval=0.5)
+    # The policy's rule (first replica by name that streams with a known lag under max_replica_lag)
+    # is applied at the slot; an idle stack whose replicas all report lag 0 keeps the answer fixed
+    # between here and there. Patroni reports a replica's lag as "unknown" for a while after it
+    # (re)joins, and such a replica is rightly passed over.
+    def settled_replicas() -> list[str] | None:
+        if not stack.healthy():
+            return None
+        replicas = [m for m in stack.members() if m["role"] in ("replica", "sync_standby")]
+        return sorted(m["name"] for m in replicas) if all(m.get("lag") == 0 for m in replicas) else None
+
+    wait_for(lambda: settled_replicas() is not None, "two replicas streaming with no lag", timeout=120, interval=0.5)
     members = stack.members()
-    expected = sorted(m["name"] for m in members if m["role"] in ("replica", "sync_standby"))[0]
+    expected = (settled_replicas() or ["?"])[0]
     policy = load_policy(stack.state.node_policy(NODES[0]))
     storage = open_storage(policy.repository)
     # A scheduler that has run for two years: this year's 1 January slot is owed once.
@@ -302,15 +312,19 @@ def test_three_schedulers_take_one_backup_from_the_replica_the_policy_picks(stac
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
     outputs = {node: proc.communicate(timeout=120) for node, proc in procs.items()}
+    # On failure, what each scheduler said and what Patroni saw before and after the slot.
+    logs = "\n".join(f"--- {node}:\n{outputs[node][1][-3000:]}" for node in NODES)
+    context = f"members before: {members}\nmembers after: {stack.members()}\n{logs}"
     for node, proc in procs.items():
         assert proc.returncode == 0, f"{node}: {outputs[node][1]}"
 
     new = _backup_ids(stack) - before
-    assert len(new) == 1, f"one backup for the slot, not {new}"
+    assert len(new) == 1, f"one backup for the slot, not {new}\n{context}"
     record = json.loads(stack.pgvault(expected, "info", new.pop(), "--json").stdout)
-    assert record["annotations"].get("node") == expected, record["annotations"]
+    assert record["annotations"].get("node") == expected, f"{record['annotations']}\n{context}"
     state = StateStore(storage, SCOPE).read()
-    assert state is not None and (state.jobs["backup"].status, state.jobs["backup"].member) == ("ok", expected)
+    assert state is not None and (state.jobs["backup"].status, state.jobs["backup"].member) == ("ok", expected), (
+        f"{state}\n{context}")
     # It came from a replica: that node was in recovery (and its conninfo aims at that node only).
     port = stack.state.ports[f"{expected}_pg"]
     assert f"port={port} " in load_policy(stack.state.node_policy(expected)).postgres.conninfo + " "
