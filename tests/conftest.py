@@ -332,6 +332,27 @@ def archiving_blocked(cluster: Cluster) -> Iterator[None]:
         wait_for(lambda: cluster.sql("SHOW archive_command") == original, "archive_command restored")
 
 
+def processes_in(path: Path) -> list[str]:
+    """Processes whose command line names path or whose working directory is inside it, as
+    "<pid>: <command line> (cwd <dir>)".
+
+    A postmaster names its data directory on its command line; its children run with it as their
+    working directory.
+    """
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if str(path) in cmdline or cwd.startswith(str(path)):
+            found.append(f"{proc.name}: {cmdline.strip()} (cwd {cwd})")
+    return found
+
+
 def kill_group(proc: subprocess.Popen[Any]) -> None:
     """SIGKILL a process group started with start_new_session, and reap its leader."""
     with contextlib.suppress(ProcessLookupError):

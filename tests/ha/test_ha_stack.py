@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from conftest import PGVAULT, make_workdir, run_pgvault, wait_for
+from conftest import PGVAULT, make_workdir, processes_in, run_pgvault, wait_for
 
 from pgvault.ha.render import parse_env_file
 from pgvault.ha.stack import NODES, StackState
@@ -148,22 +148,6 @@ class Stack:
         return instance
 
 
-def _stack_processes(root: Path) -> list[str]:
-    """Every process on the machine whose command line or working directory is in the stack directory."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if str(root) in cmdline or cwd.startswith(str(root)):
-            found.append(f"{proc.name}: {cmdline.strip()}")
-    return found
-
-
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     work = make_workdir("pgvault-ha-")
@@ -191,7 +175,7 @@ def stack() -> Iterator[Stack]:
         for instance in handle.restored:
             instance.destroy()
         handle.cli("stack", "down", "--runtime", "local", "--dir", str(handle.root))
-        for line in _stack_processes(handle.root):
+        for line in processes_in(handle.root):
             os.kill(int(line.split(":")[0]), signal.SIGKILL)
         if os.environ.get("PGVAULT_TEST_KEEP"):
             print(f"kept {work}")  # the services' logs, for a failure to be read
@@ -259,7 +243,7 @@ def test_up_reaches_a_leader_and_two_streaming_replicas_and_routes_writes_and_re
     for config in [*stack.root.glob("*/patroni.yml"), *stack.root.glob("*/pgvault.yaml"),
                    stack.root / "haproxy" / "haproxy.cfg", stack.root / "pgbouncer" / "pgbouncer.ini"]:
         assert stack.password not in config.read_text(), config
-    assert not [line for line in _stack_processes(stack.root) if stack.password in line]
+    assert not [line for line in processes_in(stack.root) if stack.password in line]
     secret = stack.root / "pgbouncer" / "run" / "pgbouncer.users"
     assert secret.stat().st_mode & 0o077 == 0 and stack.password in secret.read_text()
 
@@ -507,7 +491,7 @@ def test_down_stops_every_process_it_started_and_nothing_else(stack: Stack) -> N
         pids = [p.pid for p in stack.state.processes.values()]
         data = stack.stack("down")
         assert set(data["stopped"]) == {*NODES, "etcd1", "etcd2", "etcd3", "haproxy", "pgbouncer"}
-        assert _stack_processes(stack.root) == []
+        assert processes_in(stack.root) == []
         for pid in pids:
             assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
         assert not any((stack.state.data_dir(n) / "postmaster.pid").exists() for n in NODES)

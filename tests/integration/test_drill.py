@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pwd
 import shutil
 import signal
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import PGVAULT, Cluster, Marks, make_workdir, new_cluster, run_pgvault
+from conftest import PGVAULT, Cluster, Marks, make_workdir, new_cluster, processes_in, run_pgvault
 from repos import flip_byte
 
 from pgvault.pg.instance import chown_to_db_user
@@ -86,26 +85,6 @@ def rows_text(rows: Rows) -> str:
 
 
 ROWS_QUERY = "SELECT string_agg(batch || ':' || n, ',' ORDER BY batch, n) FROM t"
-
-
-def processes_in(path: Path) -> list[str]:
-    """Processes whose command line names path or whose working directory is inside it.
-
-    A postmaster names its data directory on its command line; its children run with it as their
-    working directory.
-    """
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if str(path) in cmdline or cwd.startswith(str(path)):
-            found.append(f"{proc.name}: {cmdline.strip()} (cwd {cwd})")
-    return found
 
 
 def assert_cleaned_up(scratch: Path) -> None:
