@@ -35,9 +35,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,14 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from benchlib import PGVAULT, Interrupted, log, make_workdir, raise_interrupted, run, signals_ignored
 
 from pgvault.config import parse_size
 from pgvault.errors import PgvaultError
 from pgvault.pg.autoconf import set_auto_conf
 from pgvault.pg.instance import LocalInstance, as_db_user, chown_to_db_user, pg_tool
 
-# The console script next to this interpreter, by its real path (the postgres user can reach the venv).
-PGVAULT = str(Path(sys.executable).parent.resolve() / "pgvault")
 GNU_TIME = "/usr/bin/time"
 MIB = 1024 * 1024
 PGBENCH_MIB_PER_SCALE = 15  # pgbench_accounts + its primary key, per scale unit
@@ -72,10 +69,6 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-class Interrupted(Exception):
-    """SIGTERM, turned into an exception so every cleanup runs."""
-
-
 @dataclass
 class Row:
     target_mib: int
@@ -92,34 +85,6 @@ class Row:
     restore_rss_mib: float | None = None
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def make_workdir() -> Path:
-    """A temp dir the database OS user owns (tests/conftest.py's make_workdir)."""
-    path = Path(tempfile.mkdtemp(prefix="pgvault-bench-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    chown_to_db_user(path)
-    return path
-
-
-def run(cmd: list[str], *, what: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    """Run cmd in its own process group; on any interruption kill that whole group, then re-raise."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp",
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{stdout}{stderr}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-
-
 @contextlib.contextmanager
 def throwaway_cluster() -> Iterator[tuple[Path, LocalInstance]]:
     workdir = make_workdir()
@@ -132,16 +97,11 @@ def throwaway_cluster() -> Iterator[tuple[Path, LocalInstance]]:
         })
         yield workdir, instance
     finally:
-        # A second Ctrl-C or SIGTERM must not cut the cleanup short.
-        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with signals_ignored():
             if instance is not None:
                 with contextlib.suppress(Exception):
                     instance.stop("immediate")
             shutil.rmtree(workdir, ignore_errors=True)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
 
 def fill(instance: LocalInstance, target_mib: int, noise_fraction: float) -> float:
@@ -304,13 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupted(signum: int, _frame: Any) -> None:
-    raise Interrupted(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGTERM, raise_interrupted)
     part_mib = parse_size(args.part_size) / MIB
     if max(args.sizes) < 8 * part_mib:
         log(f"note: the largest size is less than 8x the part size ({part_mib:.0f} MiB)")

@@ -47,11 +47,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backup_memory import Interrupted, log, make_workdir, run
+from benchlib import PGVAULT, Interrupted, log, make_workdir, run
 from compare_tools import (
     ARCHIVE_LEVEL,
     BACKUP_LEVEL,
-    PGVAULT,
     PgBackRest,
     Pgvault,
     S3Endpoint,

@@ -19,22 +19,19 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from backup_memory import run
+from benchlib import MOTO_SERVER, PGVAULT, run
 from proctree import Measured, run_measured
 
 from pgvault.config import ArchiveConfig, CompressionConfig, parse_policy
 from pgvault.errors import ConfigError
 from pgvault.pg.instance import LocalInstance, as_db_user, chown_to_db_user
 
-PGVAULT = str(Path(sys.executable).parent.resolve() / "pgvault")
-MOTO_SERVER = str(Path(sys.executable).parent / "moto_server")
 STANZA = "bench"
 CLUSTER = "bench"
 REGION = "us-east-1"

@@ -8,18 +8,17 @@ layer that switches to the postgres OS user, is left out). The peak of that sum 
 
 A sum of RSS counts shared pages (libraries, the interpreter's text) once per process, so it is an
 upper bound of what the tree really holds; sampling can miss a peak shorter than the interval.
-Standard library only.
+Standard library only, besides benchlib's process-group runner (itself standard library only).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
+
+from benchlib import process_group
 
 SAMPLE_INTERVAL = 0.1  # seconds; a scan of /proc costs a few ms of CPU, so not much more often
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -90,19 +89,13 @@ class TreeSampler(threading.Thread):
 def run_measured(cmd: list[str], *, what: str, timeout: float = 7200, check: bool = True) -> Measured:
     """Run cmd (in its own process group, killed whole on any interruption); wall time and peak tree RSS."""
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/tmp",
-                            start_new_session=True)
-    sampler = TreeSampler(proc.pid)
-    sampler.start()
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    finally:
-        sampler.stop()
+    with process_group(cmd) as proc:
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        finally:
+            sampler.stop()
     wall = time.monotonic() - started
     if check and proc.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{stdout}{stderr}")

@@ -32,25 +32,21 @@ import contextlib
 import hashlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from benchlib import PGVAULT, VENV_BIN, log, moto_server
 
 from pgvault.pg.autoconf import set_auto_conf
 from pgvault.pg.instance import LocalInstance, as_db_user, chown_to_db_user
 from pgvault.spool import push_spool
 
-VENV_BIN = Path(sys.executable).parent.resolve()
-PGVAULT = str(VENV_BIN / "pgvault")
-MOTO_SERVER = str(VENV_BIN / "moto_server")
 # Throwaway credentials of the local moto_server; they protect nothing.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 SEGMENT = 16 * 1024 * 1024
@@ -88,38 +84,6 @@ class Call:
     wall_us: int
     cpu_us: int
     rss_kib: int
-
-
-def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def percentile(values: list[float], q: float) -> float:

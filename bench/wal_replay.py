@@ -33,13 +33,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from itertools import pairwise
@@ -47,13 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from benchlib import PGVAULT, Interrupted, log, make_workdir, moto_server, raise_interrupted, signals_ignored
 
 from pgvault.pg.autoconf import set_auto_conf
 from pgvault.pg.instance import LocalInstance, as_db_user, chown_to_db_user
 
-# The console script next to this interpreter, by its real path (the postgres user can reach the venv).
-PGVAULT = str(Path(sys.executable).parent.resolve() / "pgvault")
-MOTO_SERVER = str(Path(sys.executable).parent / "moto_server")
 MIB = 1024 * 1024
 SEGMENT = 16 * MIB
 CLUSTER = "bench"
@@ -68,10 +63,6 @@ READY = "database system is ready to accept connections"
 REDO_DONE = re.compile(r"redo done at \S+ system usage: .*elapsed: ([\d.]+) s")
 
 
-class Interrupted(Exception):
-    """SIGTERM, turned into an exception so every cleanup runs."""
-
-
 @dataclass
 class Run:
     backend: str
@@ -84,53 +75,12 @@ class Run:
     prefetched: int | None
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def make_workdir() -> Path:
-    """A temp dir the database OS user owns (tests/conftest.py's make_workdir)."""
-    path = Path(tempfile.mkdtemp(prefix="pgvault-bench-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    chown_to_db_user(path)
-    return path
-
-
 def pgvault(config: Path, *args: str, timeout: float = 1800) -> str:
     proc = subprocess.run(as_db_user([PGVAULT, "--config", str(config), *args]), capture_output=True, text=True,
                           cwd="/tmp", timeout=timeout, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"pgvault {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
     return proc.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto_server on 127.0.0.1 for the run (as tests/repos.py MotoServer); yields its URL."""
-    port = free_port()
-    proc = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not start on port {port}")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def repository_section(backend: str, workdir: Path, endpoint: str | None) -> dict[str, Any]:
@@ -272,17 +222,13 @@ def bench_backend(backend: str, args: argparse.Namespace) -> list[Run]:
                     runs.append(run)
         return runs
     finally:
-        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with signals_ignored():
             if instance is not None:
                 with contextlib.suppress(Exception):
                     instance.stop("immediate")
             os.environ.clear()
             os.environ.update(saved_env)
             shutil.rmtree(workdir, ignore_errors=True)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
 
 def print_table(runs: list[Run], args: argparse.Namespace) -> None:
@@ -325,13 +271,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupted(signum: int, _frame: Any) -> None:
-    raise Interrupted(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGTERM, raise_interrupted)
     runs: list[Run] = []
     try:
         for backend in args.backends:
