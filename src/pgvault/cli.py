@@ -284,6 +284,7 @@ def wal_prefetch(ctx: Context, mode: str | None, pgdata: Path | None) -> None:
     if mode == "worker":
         prefetch.run_worker(ctx.policy_path(), where)
         return
+    ctx.policy()  # a policy file that is missing or invalid is named, as for any command
     try:
         report = prefetch.clean_spool(ctx.policy_path(), where)
     except OSError as exc:

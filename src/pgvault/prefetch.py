@@ -575,9 +575,12 @@ def report_lines(report: SpoolReport) -> list[str]:
             "spool; spool removed"]
 
 
-def fast_clean(config: str, quiet: bool) -> int:
+def fast_clean(config: str, quiet: bool) -> int | None:
     """recovery_end_command (`wal-prefetch --clean`) without the CLI: PostgreSQL waits for it before
-    it promotes. Runs in the data directory, as PostgreSQL runs it."""
+    it promotes. Runs in the data directory, as PostgreSQL runs it. A policy file that is not there
+    goes to the full path, which says so."""
+    if not os.path.isfile(config):
+        return None
     report = clean_spool(config, os.getcwd())
     if report is not None and not quiet:
         sys.stderr.write("".join(line + "\n" for line in report_lines(report)))

@@ -330,6 +330,9 @@ def test_seed_does_nothing_without_a_segment_before_the_first(tmp_path: Path, mo
 def test_clean_fast_path_removes_the_spool_and_prints_its_report(
         recovery: tuple[str, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     config, _pgdata, spool = recovery
+    assert prefetch.fast_clean(config, quiet=False) is None  # no policy file: the full path reports it
+    assert spool.exists()
+    Path(config).write_text("cluster: test\n")
     prefetch.note(spool, "worker started: 8 segments ahead")
     (spool / prefetch.FETCHED).write_text(f"{A}\n")
     (spool / prefetch.SERVED).write_text(f"{A}\n")
