@@ -67,6 +67,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_listening(port: int, proc: subprocess.Popen[Any], what: str, timeout: float = 30) -> None:
+    """Wait until something accepts connections on 127.0.0.1:port; RuntimeError if proc exits first or
+    the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start on port {port}")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
     """moto_server on 127.0.0.1 for the run (as tests/repos.py MotoServer); yields its URL."""
@@ -74,13 +86,7 @@ def moto_server() -> Iterator[str]:
     proc = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not start on port {port}")
-            time.sleep(0.1)
+        wait_listening(port, proc, "moto_server")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

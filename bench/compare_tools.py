@@ -10,22 +10,19 @@ the same self-signed certificate.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from benchlib import MOTO_SERVER, PGVAULT, run
+from benchlib import MOTO_SERVER, PGVAULT, free_port, run, wait_listening
 from proctree import Measured, run_measured
 
 from pgvault.config import ArchiveConfig, CompressionConfig, parse_policy
@@ -106,22 +103,6 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start on port {port}")
-        time.sleep(0.1)
-
-
 HAPROXY_CONFIG = """\
 global
   maxconn 1024
@@ -165,7 +146,7 @@ class S3Endpoint:
         pem.write_bytes(self.cert.read_bytes() + key.read_bytes())
         pem.chmod(0o600)
         self.procs: list[subprocess.Popen[bytes]] = []
-        moto_port, self.port = _free_port(), _free_port()
+        moto_port, self.port = free_port(), free_port()
         self._start([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(moto_port)], moto_port, "moto_server")
         config = tls / "haproxy.cfg"
         config.write_text(HAPROXY_CONFIG.format(tls_port=self.port, pem=pem, moto_port=moto_port))
@@ -180,7 +161,7 @@ class S3Endpoint:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.procs.append(proc)
         try:
-            _wait_listening(port, proc, what)
+            wait_listening(port, proc, what)
         except RuntimeError:
             self.stop()
             raise
