@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from pgvault.spool import fetch_spool, spool_root
+from pgvault.spool import fetch_spool, policy_digest, spool_root
 
 # Not typing.TYPE_CHECKING: importing typing (and dataclasses, json) would cost the fast path more than
 # its own work; type checkers treat this name the same way.
@@ -381,8 +381,7 @@ def is_history_name(name: str) -> bool:
 
 def _policy_sha256(config: str | os.PathLike[str]) -> str | None:
     try:
-        with open(config, "rb") as handle:
-            return hashlib.sha256(handle.read()).hexdigest()
+        return policy_digest(config)
     except OSError:
         return None
 

@@ -28,7 +28,7 @@ import json
 import os
 import time
 
-from pgvault.spool import push_spool
+from pgvault.spool import policy_digest, push_spool
 
 TYPE_CHECKING = False  # typing costs the fast path an import; this constant is all linters need
 if TYPE_CHECKING:
@@ -157,12 +157,6 @@ def forget(spool: str, name: str) -> None:
     """Remove name's marker, if any (never an error: removing a marker is always safe)."""
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(spool, name))
-
-
-def policy_digest(config: str | os.PathLike[str]) -> str:
-    """SHA-256 of the policy file: a marker stands only for the repository the policy named when it was written."""
-    with open(config, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
 
 
 # ---- the fast path ----------------------------------------------------------------------------------

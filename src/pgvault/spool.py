@@ -24,6 +24,13 @@ def _key(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
+def policy_digest(config_path: str | os.PathLike[str]) -> str:
+    """SHA-256 of the policy file: what a spool's markers and worker stand for is the repository the
+    policy named when they were made."""
+    with open(config_path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
 def push_spool(config_path: str | os.PathLike[str]) -> Path:
     """Where wal-push records the segments its look-ahead put in the repository."""
     return spool_root() / "push" / _key(os.path.realpath(config_path))
