@@ -287,7 +287,10 @@ class ScheduleConfig(_Section):
     # is one, else the leader.
     patroni_urls: list[str] = Field(default_factory=list)
     backup_from: Literal["leader", "replica"] = "replica"
-    max_replica_lag: Size = 16 * 1024 * 1024
+    # Patroni's lag is the leader's last LSN minus the replica's, each written to the DCS once per
+    # loop_wait, so an idle replica shows a whole segment of lag for up to loop_wait after every
+    # WAL switch (archive_timeout). 64 MiB passes over replicas that are really behind, not those.
+    max_replica_lag: Size = 64 * 1024 * 1024
     # This node's Patroni member name (default: the host name).
     member: str | None = None
     metrics_listen: str = "127.0.0.1:9188"  # where `schedule run` serves Prometheus metrics; "" = off

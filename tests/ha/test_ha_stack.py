@@ -261,7 +261,7 @@ def test_three_schedulers_take_one_backup_from_the_replica_the_policy_picks(stac
     from pgvault.scheduler import SchedulerState, StateStore
 
     # The policy's rule (first replica by name that streams with a known lag under max_replica_lag,
-    # 16 MiB) is applied at the slot; an idle stack whose replicas all report a known lag far below
+    # 64 MiB) is applied at the slot; an idle stack whose replicas all report a known lag far below
     # that keeps the answer fixed between here and there. Patroni reports a replica's lag as
     # "unknown" for a while after it (re)joins, and such a replica is rightly passed over.
     def settled_replicas() -> list[str] | None:

@@ -623,6 +623,19 @@ def test_choice_prefers_a_healthy_replica_and_falls_back_to_the_leader() -> None
         choose_backup_member([Member("node1", "leader", "stopped")], "leader", MAX_LAG)
 
 
+def test_the_default_lag_limit_keeps_a_replica_that_patroni_shows_one_wal_switch_behind() -> None:
+    from pgvault.config import ScheduleConfig
+
+    # Patroni's /cluster lag after an archive_timeout switch on an idle cluster, seen in CI: the
+    # leader's position had moved to the next segment, the replicas' not yet (loop_wait).
+    default = ScheduleConfig().max_replica_lag
+    members = [Member("pg1", "leader", "running"), Member("pg2", "replica", "streaming", 16_943_328),
+               Member("pg3", "sync_standby", "streaming", 16_943_328)]
+    assert choose_backup_member(members, "replica", default).member == "pg2"
+    behind = [members[0], Member("pg2", "replica", "streaming", default + 1), members[2]]
+    assert choose_backup_member(behind, "replica", default).member == "pg3"
+
+
 # ---- state, show, cron ---------------------------------------------------------------------------------
 
 def test_a_damaged_state_is_reported_and_the_scheduler_starts_afresh(rig: Rig, caplog: pytest.LogCaptureFixture
