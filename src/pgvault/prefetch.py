@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import signal
@@ -46,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from pgvault.spool import fetch_spool, policy_digest, spool_root
+from pgvault.spool import fetch_spool, lock_holder, policy_digest, spawn_detached, spool_root, still_holds, take_lock
 
 # Not typing.TYPE_CHECKING: importing typing (and dataclasses, json) would cost the fast path more than
 # its own work; type checkers treat this name the same way.
@@ -265,40 +264,7 @@ def _count_lines(path: Path) -> int:
 
 def _holder(spool: Path) -> int | None:
     """The pid of the worker holding the spool's lock, or None if no worker runs."""
-    try:
-        fd = os.open(spool / LOCK, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else 0
-        return None
-    finally:
-        os.close(fd)
-
-
-def _take_lock(spool: Path) -> int | None:
-    """An open, flocked lock file, or None when another worker holds it."""
-    fd = os.open(spool / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _still_ours(spool: Path, lock_fd: int) -> bool:
-    """False once the spool was removed (recovery ended) or replaced under the worker."""
-    try:
-        return os.stat(spool / LOCK).st_ino == os.fstat(lock_fd).st_ino
-    except FileNotFoundError:
-        return False
+    return lock_holder(spool / LOCK)
 
 
 def ensure_worker(config: str | os.PathLike[str], pgdata: str | os.PathLike[str]) -> bool:
@@ -306,21 +272,15 @@ def ensure_worker(config: str | os.PathLike[str], pgdata: str | os.PathLike[str]
 
     The worker is `pgvault --config C wal-prefetch --worker --pgdata D`, detached in its own session
     (PostgreSQL waits only for restore_command, and signals to its process group must not reach the
-    worker). posix_spawn keeps this cheap for the fast path: no subprocess module, no fork of a big
-    process. Two callers racing both spawn; the second worker finds the lock taken and exits.
+    worker; see spool.spawn_detached). Two callers racing both spawn; the second worker finds the
+    lock taken and exits.
     """
     spool = fetch_spool(config, pgdata)
     if _holder(spool) is not None:
         return False
     _make_dirs(spool)
-    argv = [sys.executable, "-m", "pgvault", "--config", os.path.realpath(config), "wal-prefetch", "--worker",
-            "--pgdata", os.path.realpath(pgdata)]
-    actions = [
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, str(spool / LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
-        (os.POSIX_SPAWN_DUP2, 1, 2),
-    ]
-    os.posix_spawn(sys.executable, argv, dict(os.environ), file_actions=actions, setsid=True)
+    spawn_detached(["--config", os.path.realpath(config), "wal-prefetch", "--worker", "--pgdata",
+                    os.path.realpath(pgdata)], spool / LOG)
     return True
 
 
@@ -649,7 +609,7 @@ def run_worker(config: Path, pgdata: Path) -> None:
     """
     spool = fetch_spool(config, pgdata)
     _make_dirs(spool)
-    lock_fd = _take_lock(spool)
+    lock_fd = take_lock(spool / LOCK)
     if lock_fd is None:
         return
     _setup_logging(spool)
@@ -762,7 +722,7 @@ def _work(spool: Path, lock_fd: int, storage: Storage, layout: Layout, settings:
     last_activity = time.monotonic()
     pool = ThreadPoolExecutor(settings.parallel, thread_name_prefix="prefetch")
     try:
-        while _still_ours(spool, lock_fd):
+        while still_holds(spool / LOCK, lock_fd):
             if _answer(spool, storage, layout):
                 last_activity = time.monotonic()
             asked = read_want(spool)
