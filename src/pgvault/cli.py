@@ -206,12 +206,35 @@ def wal_push(ctx: Context, path: Path) -> None:
     archive.push(storage, catalog.layout, path, system_id=info.system_id,
                  segment_size=info.wal_segment_size, level=policy.archive.compression_level)
     # Only now, with `path` durable: the look-ahead, which never fails this call (details under --debug).
+    if policy.archive.background and policy.archive.look_ahead > 0:
+        from pgvault.pusher import ensure_pusher
+
+        try:
+            if ensure_pusher(policy_path, path.parent, path.name):
+                return
+        except OSError as exc:  # no pusher: look ahead inline, as without archive.background
+            if ctx.debug:
+                click.echo(f"debug: background pusher not started: {exc}", err=True)
     push_ahead.push_ahead(storage, catalog.layout, path, policy_path=policy_path, policy_sha256=policy_sha256,
                           system_id=info.system_id, segment_size=info.wal_segment_size,
                           level=policy.archive.compression_level, limit=policy.archive.look_ahead,
                           parallel=policy.archive.push_parallel,
                           report=(lambda line: click.echo(f"debug: {_redact(line)}", err=True)) if ctx.debug
                           else (lambda line: None))
+
+
+@cli.command("wal-pusher", hidden=True)
+@click.option("--wal-dir", type=click.Path(path_type=Path), required=True, help="The pg_wal directory to serve.")
+@click.option("--skip", default="", help="A segment the starting call pushed itself.")
+@pass_context
+def wal_pusher(ctx: Context, wal_dir: Path, skip: str) -> None:
+    """Internal: the background pusher of archive.background, started by wal-push.
+
+    Example: pgvault --config /etc/pgvault/demo.yaml wal-pusher --wal-dir /var/lib/postgresql/15/main/pg_wal
+    """
+    from pgvault.pusher import run_pusher
+
+    run_pusher(ctx.policy_path(), wal_dir.absolute(), skip)
 
 
 @cli.command("wal-fetch")

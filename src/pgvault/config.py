@@ -227,6 +227,10 @@ class ArchiveConfig(_Section):
     # Threads pushing the look-ahead's segments; each holds one segment and its compressed copy, so
     # fewer are used when more than 64 MiB of segments would be in flight (segments above 16 MiB).
     push_parallel: StrictInt = Field(default=4, ge=1, le=16)
+    # The look-ahead in a background process (pgvault.pusher, like pgBackRest's archive-async): a call
+    # without a marker pushes its own segment, starts the pusher if none runs, and returns; the pusher
+    # keeps up to look_ahead segments marked ahead of PostgreSQL's calls.
+    background: bool = False
 
 
 class RestoreConfig(_Section):

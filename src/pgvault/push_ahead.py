@@ -28,7 +28,7 @@ import json
 import os
 import time
 
-from pgvault.spool import policy_digest, push_spool
+from pgvault.spool import lock_detail, lock_holder, policy_digest, push_spool
 
 TYPE_CHECKING = False  # typing costs the fast path an import; this constant is all linters need
 if TYPE_CHECKING:
@@ -46,6 +46,11 @@ TIDY_BUDGET = 256  # spool entries looked at per full-path call (the spool norma
 # archive.push holds a segment and its compressed copy in memory: with large segments (initdb
 # --wal-segsize up to 1 GiB) fewer threads, so the look-ahead stays within this many segment bytes.
 IN_FLIGHT_BYTES = 64 * 1024 * 1024
+# archive.background (pgvault.pusher): the pusher's lock, and `.busy.<segment>` while it pushes one.
+PUSHER_LOCK = "pusher.lock"
+BUSY_PREFIX = ".busy."
+BUSY_WAIT = 60.0  # the longest PostgreSQL's call waits for the pusher to finish its segment (seconds)
+PICKUP_WAIT = 0.5  # ... and for the pusher to start on it
 _HEX = frozenset("0123456789ABCDEF")
 _HISTORY_SUFFIX = ".history"
 
@@ -171,10 +176,50 @@ def fast_push(config: str, args: list[str]) -> int | None:
         return None
     spool = os.fspath(push_spool(config))
     marker = read_marker(spool, name)
+    if marker is None and await_pusher(spool, name, wal_dir or "."):
+        marker = read_marker(spool, name)
     if marker is None or not _matches(marker, config, path, wal_dir or ".", name):
         return None
     forget(spool, name)
     return 0
+
+
+def await_pusher(spool: str, name: str, wal_dir: str) -> bool:
+    """Wait while the background pusher (pgvault.pusher) serving wal_dir pushes name: True when it did
+    (its marker may be there now), False when no pusher takes it (the full path then pushes it).
+
+    A segment not yet picked up gets PICKUP_WAIT for the pusher to start on it (it looks every 20 ms);
+    one being pushed (`.busy.<name>`) is waited for up to BUSY_WAIT. The pusher removes the busy file
+    after writing the marker, or after failing. A pusher that is gone (killed) is not waited for.
+    """
+    if not os.path.exists(os.path.join(wal_dir, "archive_status", name + ".ready")):
+        return False  # not PostgreSQL asking for a segment it has queued: the pusher will not push it
+    lock = os.path.join(spool, PUSHER_LOCK)
+    if lock_holder(lock) is None or lock_detail(lock) != os.path.abspath(wal_dir):
+        return False
+    busy = os.path.join(spool, BUSY_PREFIX + name)
+    marker = os.path.join(spool, name)
+    start = time.monotonic()
+    next_check, delay = start + 0.5, 0.001
+    while not os.path.exists(busy):
+        if os.path.exists(marker):
+            return True
+        if time.monotonic() - start > PICKUP_WAIT:
+            return False
+        time.sleep(delay)
+        delay = min(2 * delay, 0.005)
+    start = time.monotonic()
+    while os.path.exists(busy):
+        now = time.monotonic()
+        if now - start > BUSY_WAIT:
+            break
+        if now >= next_check:
+            if lock_holder(lock) is None:
+                break
+            next_check = now + 0.5
+        time.sleep(delay)
+        delay = min(2 * delay, 0.01)
+    return True
 
 
 def _matches(marker: dict[str, object], config: str, path: str, wal_dir: str, name: str) -> bool:
@@ -247,7 +292,8 @@ def tidy(spool: str, ready: Container[str], *, now: float, budget: int = TIDY_BU
     return removed
 
 
-def _marked(spool: str) -> set[str]:
+def marked(spool: str) -> set[str]:
+    """The segments the spool holds markers for."""
     try:
         return {name for name in os.listdir(spool) if is_segment_name(name)}
     except OSError:
@@ -293,7 +339,7 @@ def _push_ahead(storage: Storage, layout: Layout, current: Path, policy_path: st
     removed = tidy(spool, ready, now=time.time())
     if removed:
         report(f"look-ahead: removed {removed} stale marker(s)")
-    chosen = select_look_ahead(ready, current.name, limit, skip=_marked(spool))
+    chosen = select_look_ahead(ready, current.name, limit, skip=marked(spool))
     if not chosen:
         return [], {}
 

@@ -39,10 +39,10 @@ from repos import FileRepo, RepoHandle, S3Repo
 from pgvault import archive
 from pgvault.config import load_policy
 from pgvault.pg.instance import as_db_user, chown_to_db_user
-from pgvault.push_ahead import is_segment_name
+from pgvault.push_ahead import BUSY_PREFIX, PUSHER_LOCK, is_segment_name
 from pgvault.repo import open_storage
 from pgvault.repo.layout import Layout
-from pgvault.spool import push_spool
+from pgvault.spool import lock_holder, push_spool
 
 pytestmark = [pytest.mark.integration]
 
@@ -196,14 +196,17 @@ def switch_bursts(cluster: Cluster, stop: threading.Event) -> None:
                          "END LOOP; END $$")
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
 def test_under_pgbench_every_archived_segment_is_in_the_repository_byte_exact_and_most_calls_are_fast(
-        workdir: Path, backend: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        workdir: Path, backend: str, background: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # 1 MiB segments: pgbench fills several per second, and every 2 s four WAL switches in a row add a
     # burst, so segments queue up behind archive_command as they do on a busy server with 16 MiB ones
     # (whatever this machine's speed). wal_keep_size keeps every segment in pg_wal for the byte comparison.
+    # background: the look-ahead runs in the detached pusher (archive.background) instead of in the calls.
     made = pushing_cluster(workdir, backend, monkeypatch, initdb_options=["--wal-segsize=1"],
                            settings={"wal_keep_size": "4GB", "max_wal_size": "4GB", "checkpoint_timeout": "1h",
-                                     "synchronous_commit": "off"})
+                                     "synchronous_commit": "off"},
+                           archive={"background": background})
     cluster, pg = made.cluster, made.cluster.pg
     try:
         bench = [str(pg.bindir / "pgbench"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres"]
@@ -230,11 +233,21 @@ def test_under_pgbench_every_archived_segment_is_in_the_repository_byte_exact_an
         full = [name for name, was_full in calls if was_full]
         fast = [name for name, was_full in calls if not was_full]
         print(f"{backend}: {archived} files archived, {len(full)} full-path calls, {len(fast)} fast-path calls")
+        print("full:", full)
+        if background:
+            print((made.spool / "pusher.log").read_text())
         assert failed == 0 and len(calls) == archived, (failed, len(calls), archived)
         assert archived > 50, f"the load made only {archived} segments"  # (the bursts alone make 36)
         # Without the look-ahead every call is a full one; with it, each full call's look-ahead takes
-        # what queued up meanwhile (here 1-5 segments, depending on the machine's speed).
-        assert len(full) < archived * 2 / 3, f"{len(full)} of {archived} calls took the full path"
+        # what queued up meanwhile (here 1-5 segments, depending on the machine's speed). The pusher
+        # keeps ahead of the calls while it runs: a full path only when it had to start again.
+        pusher_log = made.spool / "pusher.log"
+        if background:
+            assert len(full) < archived / 4, f"{len(full)} of {archived} calls took the full path"
+            assert "pusher started for" in pusher_log.read_text()
+        else:
+            assert len(full) < archived * 2 / 3, f"{len(full)} of {archived} calls took the full path"
+            assert not pusher_log.exists()
         assert made.markers() == set()  # every marker was used by PostgreSQL's call for its segment
 
         # Every file PostgreSQL was told is archived, fetched back through pgvault's verified read,
@@ -263,6 +276,12 @@ def test_under_pgbench_every_archived_segment_is_in_the_repository_byte_exact_an
         restored, instance = cluster.restore_json("--target-time", marks[2].between_next.isoformat())
         assert restored["backup_id"] == backup
         assert rows_of(instance) == marks.rows_through(2)
+
+        if background:  # the pusher goes when PostgreSQL stops, leaving no busy file behind
+            pg.stop()
+            wait_for(lambda: lock_holder(made.spool / PUSHER_LOCK) is None, "the pusher to exit", timeout=15)
+            assert "pusher stopped: PostgreSQL stopped" in pusher_log.read_text()
+            assert not [p for p in made.spool.iterdir() if p.name.startswith(BUSY_PREFIX)]
     finally:
         cluster.stop_all()
 
