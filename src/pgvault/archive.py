@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,6 +34,15 @@ class PushResult:
     raw_size: int
     stored_size: int
     raw_sha256: str  # of the bytes read from pg_wal: what the repository now holds (the look-ahead's marker)
+    # The file's (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns), the same before and after it was
+    # read; None when it changed while read. A marker with it spares the fast path a re-hash.
+    identity: tuple[int, int, int, int, int] | None = None
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes whenever a file's content does: any write moves mtime and ctime, a copy or a
+    rename of another file into place changes the inode."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def check_segment(name: str, data: bytes, system_id: str, segment_size: int) -> None:
@@ -76,9 +85,14 @@ def push(
     if not is_archivable(name):
         raise UsageError(f"{name!r} is not a WAL file name; archive_command must pass %p")
     try:
-        data = path.read_bytes()
+        with open(path, "rb", buffering=0) as handle:
+            before = file_identity(os.fstat(handle.fileno()))
+            data = handle.readall()
+            identity: tuple[int, int, int, int, int] | None = file_identity(os.fstat(handle.fileno()))
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist; archive_command must pass %p (run from the data directory)") from None
+    if identity != before:
+        identity = None
     if is_segment(name) or is_partial(name):
         check_segment(name, data, system_id, segment_size)
     raw_sha256 = hashlib.sha256(data).hexdigest()
@@ -86,15 +100,17 @@ def push(
 
     existing = storage.head(key)
     if existing is not None:
-        return _resolve_existing(storage, key, name, data, raw_sha256, level, existing.size)
+        return replace(_resolve_existing(storage, key, name, data, raw_sha256, level, existing.size),
+                       identity=identity)
     stored = data if is_history(name) else compress(data, level)
     extra = {"raw_sha256": raw_sha256, "raw_size": str(len(data))}
     try:
         meta = storage.put(key, io.BytesIO(stored), extra=extra)
     except ObjectExists:
         # Another node pushed the same name between our head and put.
-        return _resolve_existing(storage, key, name, data, raw_sha256, level, len(stored))
-    return PushResult(name, key, "archived", len(data), meta.size, raw_sha256)
+        return replace(_resolve_existing(storage, key, name, data, raw_sha256, level, len(stored)),
+                       identity=identity)
+    return PushResult(name, key, "archived", len(data), meta.size, raw_sha256, identity)
 
 
 def _resolve_existing(

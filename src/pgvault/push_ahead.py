@@ -22,17 +22,15 @@ per-call budget); the full path's pieces import pgvault.archive inside the funct
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import time
 
-from pgvault.spool import lock_detail, lock_holder, policy_digest, push_spool
+from pgvault.spool import lock_detail, lock_holder, policy_digest, push_spool_dir
 
 TYPE_CHECKING = False  # typing costs the fast path an import; this constant is all linters need
 if TYPE_CHECKING:
-    from collections.abc import Callable, Container, Iterable
+    from collections.abc import Callable, Container, Iterable, Sequence
     from pathlib import Path
 
     from pgvault.repo.base import Storage
@@ -91,9 +89,13 @@ def select_look_ahead(ready: Iterable[str], current: str, limit: int, skip: Cont
 # ---- markers ----------------------------------------------------------------------------------------
 
 def marker_bytes(name: str, size: int, raw_sha256: str, wal_dir: str, policy_sha256: str,
-                 pushed_at: float) -> bytes:
-    return json.dumps({"v": MARKER_VERSION, "name": name, "size": size, "raw_sha256": raw_sha256,
-                       "wal_dir": wal_dir, "policy_sha256": policy_sha256, "pushed_at": pushed_at}).encode()
+                 pushed_at: float, identity: Sequence[int] | None = None) -> bytes:
+    """identity: archive.file_identity of the file as its bytes were read, if it did not change meanwhile."""
+    marker: dict[str, object] = {"v": MARKER_VERSION, "name": name, "size": size, "raw_sha256": raw_sha256,
+                                 "wal_dir": wal_dir, "policy_sha256": policy_sha256, "pushed_at": pushed_at}
+    if identity is not None:
+        marker["identity"] = list(identity)
+    return json.dumps(marker).encode()
 
 
 def parse_marker(data: bytes, name: str) -> dict[str, object] | None:
@@ -110,6 +112,10 @@ def parse_marker(data: bytes, name: str) -> dict[str, object] | None:
     if not isinstance(digest, str) or len(digest) != 64:
         return None
     if not isinstance(marker.get("wal_dir"), str) or not isinstance(marker.get("policy_sha256"), str):
+        return None
+    identity = marker.get("identity")
+    if identity is not None and not (isinstance(identity, list) and len(identity) == 5
+                                     and all(type(v) is int for v in identity)):
         return None
     return marker
 
@@ -153,15 +159,22 @@ def write_marker(spool: str, name: str, data: bytes) -> None:
         # full path; the fsync above makes sure a marker that survives is complete.
         os.replace(tmp, os.path.join(spool, name))
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
 
 
 def forget(spool: str, name: str) -> None:
     """Remove name's marker, if any (never an error: removing a marker is always safe)."""
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(spool, name))
+    _unlink(os.path.join(spool, name))
+
+
+def _unlink(path: str) -> bool:
+    # Not contextlib.suppress: importing contextlib costs the fast path more than this does.
+    try:
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
 
 
 # ---- the fast path ----------------------------------------------------------------------------------
@@ -174,7 +187,7 @@ def fast_push(config: str, args: list[str]) -> int | None:
     wal_dir, name = os.path.split(path)
     if not is_segment_name(name):
         return None
-    spool = os.fspath(push_spool(config))
+    spool = push_spool_dir(config)
     marker = read_marker(spool, name)
     if marker is None and await_pusher(spool, name, wal_dir or "."):
         marker = read_marker(spool, name)
@@ -231,8 +244,16 @@ def _matches(marker: dict[str, object], config: str, path: str, wal_dir: str, na
     if marker["policy_sha256"] != policy_digest(config):
         return False
     with open(path, "rb", buffering=0) as handle:
-        if os.fstat(handle.fileno()).st_size != marker["size"]:
+        st = os.fstat(handle.fileno())
+        if st.st_size != marker["size"]:
             return False
+        # The very file whose bytes were pushed, unchanged since (any write moves mtime and ctime; another
+        # file put in its place has another inode): its content is the pushed content, no re-hash needed.
+        # Otherwise (a chmod or a hard link also moves ctime) the content decides.
+        if marker.get("identity") == [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]:
+            return True
+        import hashlib
+
         return hashlib.file_digest(handle, "sha256").hexdigest() == marker["raw_sha256"]
 
 
@@ -250,8 +271,10 @@ def prepare_spool(spool: str) -> bool:
         probe = parent
     try:
         for directory in reversed(missing):
-            with contextlib.suppress(FileExistsError):
+            try:  # noqa: SIM105 (no contextlib in this module, see _unlink)
                 os.mkdir(directory, 0o700)
+            except FileExistsError:
+                pass
             os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
         st = os.stat(spool)
         if st.st_uid == os.geteuid() and st.st_mode & 0o077:
@@ -285,10 +308,8 @@ def tidy(spool: str, ready: Container[str], *, now: float, budget: int = TIDY_BU
                 stale = age > MARKER_MAX_AGE or entry.name not in ready
             else:
                 continue  # not ours to judge
-            if stale:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    removed += 1
+            if stale and _unlink(entry.path):
+                removed += 1
     return removed
 
 
@@ -330,7 +351,7 @@ def _push_ahead(storage: Storage, layout: Layout, current: Path, policy_path: st
     except OSError:
         return [], {}  # not a pg_wal directory (a copy pushed by hand): nothing queued to look at
     ready = {entry[: -len(".ready")] for entry in status if entry.endswith(".ready")}
-    spool = os.fspath(push_spool(policy_path))
+    spool = push_spool_dir(policy_path)
     if not os.path.isdir(spool) and limit <= 0:
         return [], {}
     if not prepare_spool(spool):
@@ -361,7 +382,7 @@ def _push_ahead(storage: Storage, layout: Layout, current: Path, policy_path: st
             result = push(storage, layout, wal_dir / name, system_id=system_id, segment_size=segment_size,
                           level=level)
             write_marker(spool, name, marker_bytes(name, result.raw_size, result.raw_sha256, real_wal_dir,
-                                                   policy_sha256, time.time()))
+                                                   policy_sha256, time.time(), result.identity))
         except Exception as exc:
             stop.set()
             failed[name] = exc.message if isinstance(exc, PgvaultError) else f"{type(exc).__name__}: {exc}"

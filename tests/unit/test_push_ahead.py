@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgvault import push_ahead
+from pgvault.archive import file_identity
 from pgvault.config import parse_policy
 from pgvault.errors import ConfigError
 from pgvault.push_ahead import (
@@ -246,6 +248,57 @@ def test_fast_path_refuses_content_other_than_what_was_pushed(wal: Layout) -> No
     assert fast_push(str(wal.policy), [str(path)]) is None
 
 
+def test_the_file_as_pushed_is_recognised_without_a_re_hash_and_any_change_goes_back_to_the_hash(
+        wal: Layout) -> None:
+    path = wal.segment(SEG, DATA)
+    identity = file_identity(os.stat(path))
+    # A marker whose checksum is wrong but whose identity is the file's: answered from the identity
+    # alone (this is what proves the 16 MiB are not hashed again).
+    wal.mark(SEG, DATA, raw_sha256="0" * 64, identity=list(identity))
+    assert fast_push(str(wal.policy), [str(path)]) == 0
+    # Rewritten in place with other bytes of the same size: mtime and ctime move, the hash decides.
+    other = bytearray(DATA)
+    other[7] ^= 1
+    time.sleep(0.01)  # past the file system's timestamp granularity
+    path.write_bytes(bytes(other))
+    wal.mark(SEG, DATA, identity=list(identity))
+    assert fast_push(str(wal.policy), [str(path)]) is None
+    # Another file with the marker's content put in its place: another inode, the hash decides (same bytes).
+    replacement = wal.pg_wal / "replacement"
+    replacement.write_bytes(DATA)
+    os.replace(replacement, path)
+    wal.mark(SEG, DATA, identity=list(identity))
+    assert fast_push(str(wal.policy), [str(path)]) == 0
+    # A chmod moves ctime only: the hash confirms the same content.
+    identity = file_identity(os.stat(path))
+    time.sleep(0.01)
+    os.chmod(path, 0o640)
+    assert file_identity(os.stat(path)) != identity
+    wal.mark(SEG, DATA, identity=list(identity))
+    assert fast_push(str(wal.policy), [str(path)]) == 0
+    # A malformed identity makes the marker not a marker.
+    wal.mark(SEG, DATA, identity=[1, 2, 3])
+    assert fast_push(str(wal.policy), [str(path)]) is None
+
+
+def test_push_reports_the_identity_of_the_file_it_read(tmp_path: Path) -> None:
+    from pgvault.archive import push
+    from pgvault.repo.file import FileStorage
+    from pgvault.repo.layout import Layout as RepoLayout
+
+    segment = tmp_path / "000000010000000000000001"
+    size = 1024 * 1024  # PostgreSQL allows 1 MiB segments; keeps this light
+    # XLogLongPageHeaderData: magic, info (XLP_LONG_HEADER), tli, pageaddr, rem_len, pad, sysid, seg size, blcksz
+    header = struct.pack("<HHIQI4xQII", 0xD110, 0x0002, 1, size, 0, 7, size, 8192)
+    segment.write_bytes(header + b"\x01" * (size - len(header)))
+    result = push(FileStorage(tmp_path / "repo"), RepoLayout("main"), segment, system_id="7", segment_size=size,
+                  level=1)
+    assert result.identity == file_identity(os.stat(segment))
+    again = push(FileStorage(tmp_path / "repo"), RepoLayout("main"), segment, system_id="7", segment_size=size,
+                 level=1)
+    assert again.outcome == "already archived" and again.identity == result.identity
+
+
 def test_fast_path_refuses_a_changed_policy_another_wal_directory_and_a_segment_not_ready(
         wal: Layout, tmp_path: Path) -> None:
     path = wal.segment(SEG, DATA)
@@ -286,7 +339,8 @@ def test_the_per_call_path_imports_only_the_standard_library(wal: Layout) -> Non
     probe = ("import sys\nfrom pgvault.entry import parse_fast\nfrom pgvault.push_ahead import fast_push\n"
              f"code = fast_push({str(wal.policy)!r}, [{str(path)!r}])\n"
              "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-             "{'click', 'pydantic', 'yaml', 'boto3', 'botocore', 'zstandard', 'psycopg', 'typing', 'dataclasses'})\n"
+             "{'click', 'pydantic', 'yaml', 'boto3', 'botocore', 'zstandard', 'psycopg', 'typing', 'dataclasses',"
+             " 'pathlib', 'contextlib'})\n"
              "print(code, heavy)\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                           env={**os.environ})
