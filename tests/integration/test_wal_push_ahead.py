@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -495,3 +496,72 @@ def test_ready_files_are_never_renamed_by_pgvault_postgres_renames_them(pushing:
     assert not pushing.markers()
     for name in names:
         assert stored_raw(cluster, name) == (cluster.pg.pgdata / "pg_wal" / name).read_bytes()
+
+
+# ---- (f) archive.background: a killed pusher, a failing store -----------------------------------------
+
+def test_a_killed_pusher_costs_a_full_path_call_not_a_failure_or_a_wait(workdir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    made = pushing_cluster(workdir, "file", monkeypatch, archive={"background": True})
+    cluster, lock = made.cluster, made.spool / PUSHER_LOCK
+    try:
+        with archiving_blocked(cluster):
+            names = queue_segments(cluster, 4)
+            # The first call pushes its own segment and starts the pusher, which pushes the others.
+            result = made.push(f"pg_wal/{names[0]}")
+            assert result.returncode == 0 and full_path(result.stderr), result.out
+            wait_for(lambda: made.markers() >= set(names[1:]), "the pusher to mark the queued segments")
+            first = lock_holder(lock)
+            assert first
+            # Killed while pushing names[2]: its busy file stays, its marker never came.
+            os.kill(first, 9)
+            wait_for(lambda: lock_holder(lock) is None, "the killed pusher's lock to go")
+            (made.spool / names[2]).unlink()
+            (made.spool / f"{BUSY_PREFIX}{names[2]}").write_text(f"{first}\n")
+            chown_to_db_user(made.spool / f"{BUSY_PREFIX}{names[2]}")
+            # A marked segment is still answered from its marker; the busy one is not waited for.
+            result = made.push(f"pg_wal/{names[1]}")
+            assert result.returncode == 0 and not full_path(result.stderr), result.out
+            started = time.monotonic()
+            result = made.push(f"pg_wal/{names[2]}")
+            assert result.returncode == 0 and full_path(result.stderr), result.out
+            assert time.monotonic() - started < 5  # no waiting for the dead pusher (BUSY_WAIT is 60 s)
+            # That call started a new pusher, which cleared the dead one's busy file.
+            wait_for(lambda: lock_holder(lock) not in (None, first), "a new pusher")
+            wait_for(lambda: not (made.spool / f"{BUSY_PREFIX}{names[2]}").exists(), "the stale busy file to go")
+        cluster.flush_archive()
+        assert made.failed_calls() == []
+        for name in names:
+            assert stored_raw(cluster, name) == (cluster.pg.pgdata / "pg_wal" / name).read_bytes()
+        assert f"pid {first}: pusher started" in (made.spool / "pusher.log").read_text()
+    finally:
+        cluster.stop_all()
+
+
+@pytest.mark.s3_only
+def test_with_a_pusher_and_a_failing_store_postgres_hears_archived_only_for_stored_segments(
+        workdir: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FaultProxy(moto().port, seed=7) as proxy:
+        repo = S3Repo(moto(), endpoint=proxy.url, connect_timeout="1s", read_timeout="3s", retries=1,
+                      retry_window="5s")
+        made = pushing_cluster(workdir, backend, monkeypatch, repo=repo, archive={"background": True})
+        cluster = made.cluster
+        try:
+            with archiving_blocked(cluster):
+                names = queue_segments(cluster, 12)
+                proxy.set_faults(0.3, ("500", "reset"))
+            # PostgreSQL archives the queue through the faults: its calls and the pusher both fail at times.
+            status = cluster.pg.pgdata / "pg_wal" / "archive_status"
+            wait_for(lambda: all((status / f"{name}.done").exists() for name in names), "the queue to be archived",
+                     timeout=300)
+            proxy.set_faults(0.0)
+            log = (made.spool / "pusher.log").read_text()
+            print(log)
+            assert "pusher started" in log
+            for name in names:  # every segment PostgreSQL was told is archived is stored, byte-exact
+                assert stored_raw(cluster, name) == (cluster.pg.pgdata / "pg_wal" / name).read_bytes()
+            for name in made.markers():  # and so is whatever is still marked
+                assert stored_raw(cluster, name) == (cluster.pg.pgdata / "pg_wal" / name).read_bytes()
+            cluster.flush_archive()
+        finally:
+            cluster.stop_all()
