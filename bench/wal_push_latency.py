@@ -15,7 +15,8 @@ at most 50 ms median. For each backend (a directory, and S3 on a local moto_serv
   4. prints per variant and kind: calls, median, p90, p99 (the maximum when there are fewer than 100
      calls), and the drain's seconds per segment (what the archiver's throughput is);
   5. breaks the fast path's time down: interpreter start (`python -c pass` with the venv's site), the
-     imports of entry + push_ahead (-X importtime), and SHA-256 of one 16 MiB segment in-process.
+     imports of entry + push_ahead (-X importtime), and SHA-256 of one 16 MiB segment in-process (what
+     the fast path spends only when the file's identity differs from the marker's).
 
 Everything runs as the postgres OS user, with the data directory as working directory, exactly as
 archive_command does. The cluster, repositories and moto_server are removed at the end (--keep keeps
@@ -247,7 +248,7 @@ def breakdown() -> list[str]:
     lines = [f"  runuser + /bin/true (not part of PostgreSQL's call)  {runuser:6.1f} ms",
              f"  python -c pass (venv site)                          {bare - runuser:6.1f} ms",
              f"  + import pgvault.entry, pgvault.push_ahead          {entry - bare:6.1f} ms",
-             f"  SHA-256 of 16 MiB in-process                        {sha:6.1f} ms",
+             f"  SHA-256 of 16 MiB in-process (only when the file's identity changed) {sha:6.1f} ms",
              "  largest top-level imports (-X importtime, cumulative us): "
              + ", ".join(f"{name} {us}" for us, name in reversed(top))]
     return lines
