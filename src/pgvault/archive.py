@@ -98,16 +98,15 @@ def push(
     raw_sha256 = hashlib.sha256(data).hexdigest()
     key = layout.wal_key(name)
 
-    existing = storage.head(key)
-    if existing is not None:
-        return replace(_resolve_existing(storage, key, name, data, raw_sha256, level, existing.size),
-                       identity=identity)
+    # No HEAD first: put refuses to overwrite (S3: If-None-Match, or its own check where conditional
+    # writes are off; a directory: link()), and the rare segment pushed twice costs a compression,
+    # where a HEAD would cost every segment a request.
     stored = data if is_history(name) else compress(data, level)
     extra = {"raw_sha256": raw_sha256, "raw_size": str(len(data))}
     try:
         meta = storage.put(key, io.BytesIO(stored), extra=extra)
     except ObjectExists:
-        # Another node pushed the same name between our head and put.
+        # Pushed before: a retry after a lost acknowledgement, another node, or different content.
         return replace(_resolve_existing(storage, key, name, data, raw_sha256, level, len(stored)),
                        identity=identity)
     return PushResult(name, key, "archived", len(data), meta.size, raw_sha256, identity)
@@ -121,7 +120,8 @@ def _resolve_existing(
     same = recorded == raw_sha256 if recorded else _stored_raw_sha256(storage, key) == raw_sha256
     if same:
         # A retry after a lost acknowledgement, or a second node: idempotent success.
-        return PushResult(name, key, "already archived", len(data), stored_size, raw_sha256)
+        return PushResult(name, key, "already archived", len(data), meta.size if meta is not None else stored_size,
+                          raw_sha256)
     if is_partial(name):
         # A .partial is a timeline's unfinished tail (promotion, pg_receivewal); a newer one must
         # never block archiving, and the complete segments are what recovery uses.

@@ -315,11 +315,15 @@ def check_tampering(pushing: Pushing, names: list[str], copy: Path) -> None:
         assert f"look-ahead: pushed {name}" in first.stderr
         assert stored_raw(cluster, name) == (copy / name).read_bytes()
 
-    # The marker says other content than the file has: full path, which finds the segment archived.
+    # The marker says another file with other content was pushed: full path, which finds the segment
+    # archived. (With the file's own identity the marker stands for that very file, unchanged since it
+    # was pushed; tests/unit/test_push_ahead.py covers that the identity alone then answers.)
     marker = pushing.spool / names[1]
     fields = json.loads(marker.read_bytes())
+    assert fields["identity"][1] == (copy / names[1]).stat().st_ino  # the look-ahead noted the file's identity
     with open(marker, "r+b") as handle:  # in place: still the database user's, still 0600
-        handle.write(json.dumps({**fields, "raw_sha256": sha256(b"other")}).encode())
+        handle.write(json.dumps({**fields, "raw_sha256": sha256(b"other"),
+                                 "identity": [v + 1 for v in fields["identity"]]}).encode())
         handle.truncate()
     result = pushing.push(str(copy / names[1]))
     assert result.returncode == 0 and full_path(result.stderr), result.out
