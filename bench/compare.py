@@ -524,7 +524,8 @@ class BackendRun:
                 more: dict[str, Any] = {}
                 if mode == best and key == "segments_per_s":
                     more = {"target": "≥ 1.0×", "met": v[key] >= b[key]}
-                elif mode == best and key == "latency_median_ms" and mode != "sync (no look-ahead)":
+                elif mode == "look-ahead" and key == "latency_median_ms":
+                    # Mostly fast-path calls; a background call waits while the pusher pushes its segment.
                     more = {"target": "pgvault ≤ 50 ms", "met": v[key] is not None and v[key] <= 50}
                 if key in ("ready_at_end", "drain_s"):
                     more["comparable"] = False  # often 0 for one tool: a ratio would say nothing
