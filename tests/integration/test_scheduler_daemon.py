@@ -326,7 +326,7 @@ SCENARIOS = {
         "replica", [member("node1", "leader", "running"), member("node2", "replica", "streaming", 0),
                     member("node3", "replica", "streaming", 4096)], "node2", "node2 is a healthy replica"),
     "replicas lag or stopped: the leader": (
-        "replica", [member("node1", "leader", "running"), member("node2", "replica", "streaming", 64 * MiB),
+        "replica", [member("node1", "leader", "running"), member("node2", "replica", "streaming", 200 * MiB),
                     member("node3", "replica", "stopped")], "node1", "node1 is the leader; no replica is healthy"),
     "backup_from leader": (
         "leader", [member("node1", "leader", "running"), member("node2", "replica", "streaming", 0),
