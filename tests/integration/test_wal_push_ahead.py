@@ -400,12 +400,17 @@ def test_a_failing_look_ahead_push_leaves_no_marker_and_does_not_fail_the_call(p
         assert stored_raw(cluster, name) == (cluster.pg.pgdata / "pg_wal" / name).read_bytes()
 
 
+def flaky_repo(proxy: FaultProxy) -> S3Repo:
+    """A repository behind the fault proxy, with short timeouts and one retry, so faults surface fast."""
+    return S3Repo(moto(), endpoint=proxy.url, connect_timeout="1s", read_timeout="3s", retries=1,
+                  retry_window="5s")
+
+
 @pytest.mark.s3_only
 def test_s3_faults_in_look_ahead_pushes_leave_no_marker_and_never_fail_the_call(
         workdir: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with FaultProxy(moto().port, seed=6) as proxy:
-        repo = S3Repo(moto(), endpoint=proxy.url, connect_timeout="1s", read_timeout="3s", retries=1,
-                      retry_window="5s")
+        repo = flaky_repo(proxy)
         made = pushing_cluster(workdir, backend, monkeypatch, repo=repo)
         cluster = made.cluster
         try:
@@ -546,8 +551,7 @@ def test_a_killed_pusher_costs_a_full_path_call_not_a_failure_or_a_wait(workdir:
 def test_with_a_pusher_and_a_failing_store_postgres_hears_archived_only_for_stored_segments(
         workdir: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with FaultProxy(moto().port, seed=7) as proxy:
-        repo = S3Repo(moto(), endpoint=proxy.url, connect_timeout="1s", read_timeout="3s", retries=1,
-                      retry_window="5s")
+        repo = flaky_repo(proxy)
         made = pushing_cluster(workdir, backend, monkeypatch, repo=repo, archive={"background": True})
         cluster = made.cluster
         try:
