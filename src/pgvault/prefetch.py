@@ -45,7 +45,16 @@ import sys
 import time
 from pathlib import Path
 
-from pgvault.spool import fetch_spool, lock_holder, policy_digest, spawn_detached, spool_root, still_holds, take_lock
+from pgvault.spool import (
+    fetch_spool,
+    lock_holder,
+    log_to,
+    policy_digest,
+    spawn_detached,
+    spool_root,
+    still_holds,
+    take_lock,
+)
 
 # Not typing.TYPE_CHECKING: importing typing (and dataclasses, json) would cost the fast path more than
 # its own work; type checkers treat this name the same way.
@@ -612,7 +621,7 @@ def run_worker(config: Path, pgdata: Path) -> None:
     lock_fd = take_lock(spool / LOCK)
     if lock_fd is None:
         return
-    _setup_logging(spool)
+    log_to(spool / LOG)  # the storage's retry messages go to worker.log with the worker's own
     signal.signal(signal.SIGTERM, _stop_handler(spool))
     os.chdir(spool)  # nothing of PGDATA's stays busy because of us
     try:
@@ -685,17 +694,6 @@ def _stop_handler(spool: Path) -> Any:
         os._exit(0)
 
     return stop
-
-
-def _setup_logging(spool: Path) -> None:
-    # The storage's retry messages (logger pgvault.repo) go to worker.log with the worker's own.
-    import logging
-
-    handler = logging.FileHandler(spool / LOG)
-    handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger("pgvault")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
 
 
 def _sweep(spool: Path) -> None:

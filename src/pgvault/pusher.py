@@ -46,7 +46,16 @@ from pgvault.push_ahead import (
     tidy,
     write_marker,
 )
-from pgvault.spool import lock_detail, lock_holder, policy_digest, push_spool, spawn_detached, still_holds, take_lock
+from pgvault.spool import (
+    lock_detail,
+    lock_holder,
+    log_to,
+    policy_digest,
+    push_spool,
+    spawn_detached,
+    still_holds,
+    take_lock,
+)
 
 LOG = "pusher.log"
 POLL = 0.02  # seconds between looks at archive_status
@@ -255,9 +264,6 @@ def _logger(spool: Path) -> Callable[[str], None]:
     with contextlib.suppress(OSError):
         if path.stat().st_size > LOG_MAX:
             os.replace(path, spool / f"{LOG}.1")
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log_to(path)
     logger = logging.getLogger("pgvault")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     return lambda message: logger.info(redact(message))

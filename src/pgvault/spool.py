@@ -125,3 +125,14 @@ def spawn_detached(args: list[str], log: str | os.PathLike[str]) -> None:
     ]
     os.posix_spawn(sys.executable, [sys.executable, "-m", "pgvault", *args], dict(os.environ),
                    file_actions=actions, setsid=True)
+
+
+def log_to(path: str | os.PathLike[str]) -> None:
+    """Send the pgvault loggers (a worker's own lines and the storage's retry messages) to path."""
+    import logging  # here, not at the top: the fast paths import this module
+
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s pid %(process)d: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger("pgvault")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
